@@ -190,6 +190,14 @@ class VPLinear(Schedule):
     def sigma(self, t: TimeLike) -> torch.Tensor:
         return torch.sqrt(-torch.expm1(2 * self.log_alpha(t)))
 
+    def dalpha(self, t: TimeLike) -> torch.Tensor:
+        t = as_time(t)
+        return self.alpha(t) * (-t * (self.beta_max - self.beta_min) / 2 - self.beta_min / 2)
+
+    def dsigma(self, t: TimeLike) -> torch.Tensor:
+        # sigma^2 = 1 - alpha^2  =>  sigma' = -alpha alpha' / sigma
+        return -self.alpha(t) * self.dalpha(t) / self.sigma(t)
+
     def logsnr(self, t: TimeLike) -> torch.Tensor:
         la2 = 2 * self.log_alpha(t)
         return la2 - torch.log(-torch.expm1(la2))
@@ -298,6 +306,9 @@ class SubVP(VPLinear):
 
     def sigma(self, t: TimeLike) -> torch.Tensor:
         return -torch.expm1(2 * self.log_alpha(t))
+
+    def dsigma(self, t: TimeLike) -> torch.Tensor:
+        return -2 * self.alpha(t) * self.dalpha(t)
 
     def logsnr(self, t: TimeLike) -> torch.Tensor:
         return 2 * (self.log_alpha(t) - torch.log(self.sigma(t)))
