@@ -13,7 +13,7 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 test: $(VENV_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(VENV_STAMP)
 	$(PY) demo.py
