@@ -1,0 +1,108 @@
+"""Helpers every sampler shares: the EDM view, the step loop, finiteness checks, callbacks.
+
+The EDM view (THEORY.md §0): ``y = x/alpha``, ``se = sigma/alpha``, ``y = x0 + se*eps``, and the
+denoiser ``D(y, se) = model.denoise(y, se)``. In it the PF-ODE is ``dy/dse = (y - D(y, se))/se``
+for every schedule, so one solver serves VP, VE, EDM and flow models alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from diffusion.schedules import Schedule
+
+from .grids import SE_CAP, check_grid
+
+Callback = Optional[Callable[[dict], None]]
+Denoiser = Callable[[torch.Tensor, "float | torch.Tensor"], torch.Tensor]
+
+
+class NonFiniteError(FloatingPointError):
+    """Sampling produced NaN or inf; the message names the step and its noise levels."""
+
+
+def t_at(schedule: Schedule, se: float) -> float:
+    """The schedule time of EDM level ``se`` (0 -> t=0, inf -> t_max)."""
+    if se == 0:
+        return 0.0
+    if math.isinf(se):
+        return schedule.t_max
+    return float(schedule.t_of_sigma_edm(se))
+
+
+def alpha_at(schedule: Schedule, se: float) -> float:
+    """alpha at EDM level ``se``: converts between x (model space) and y = x/alpha (EDM view)."""
+    return float(schedule.alpha(t_at(schedule, se)))
+
+
+def to_edm(model, x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """(y, grid as floats) for a sampler working in the EDM view; an infinite top becomes SE_CAP.
+
+    ``x`` is the state at ``grid[0]`` in model space. At se=inf (flow, t=1) x is pure noise
+    sigma(t_max)*eps, and the same noise at the capped level is y = SE_CAP*eps.
+    """
+    sig = check_grid(grid).tolist()
+    if math.isinf(sig[0]):
+        if sig[1] >= SE_CAP:
+            raise ValueError(f"grid starts at inf and its next level {sig[1]:.6g} is >= SE_CAP={SE_CAP}; "
+                             f"EDM-view samplers replace inf by SE_CAP")
+        sig[0] = SE_CAP
+        return x * (SE_CAP / float(model.schedule.sigma(model.schedule.t_max))), sig
+    return x / alpha_at(model.schedule, sig[0]), sig
+
+
+def from_edm(model, y: torch.Tensor, se: float) -> torch.Tensor:
+    """Back to model space x = alpha*y at level ``se`` (at se=0 this is the sample x0)."""
+    a = alpha_at(model.schedule, se)
+    return y if a == 1.0 else y * a
+
+
+def denoiser(model, class_labels: Optional[torch.Tensor] = None) -> Denoiser:
+    """D(y, se): the model's x0 estimate in the EDM view (se a float or a per-sample tensor)."""
+    return lambda y, se: model.denoise(y, se, class_labels)
+
+
+def afs_slope(y: torch.Tensor, se: float) -> torch.Tensor:
+    """Analytical first step (THEORY §4.8): at large se, (y - D)/se ~ y/sqrt(1 + se^2), no network call."""
+    return y / math.sqrt(1 + se * se)
+
+
+def check_finite(y: torch.Tensor, i: int, se: float, se_next: float) -> None:
+    """Raise NonFiniteError counting the NaN/inf values after step ``i`` (never drop samples silently)."""
+    bad = ~torch.isfinite(y)
+    if bad.any():
+        rows = int(bad.reshape(y.shape[0], -1).any(1).sum()) if y.ndim > 0 else 1
+        raise NonFiniteError(f"sampling produced {int(bad.sum())} non-finite values (in {rows} of {y.shape[0]} "
+                             f"samples) at step {i} (se {se:.6g} -> {se_next:.6g})")
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_rank() != 0)
+
+
+def steps(sig: list[float], progress: bool = False, desc: str = "sampling") -> Iterable[int]:
+    """Step indices 0..len(sig)-2, with a tqdm bar when ``progress`` (main process only)."""
+    n = len(sig) - 1
+    if not progress or not _is_main_process():
+        return range(n)
+    return tqdm(range(n), desc=desc, leave=False)
+
+
+def report(callback: Callback, i: int, sig: list[float], y: torch.Tensor, x0_hat: Optional[torch.Tensor]) -> None:
+    """After step i: check y is finite, then call ``callback(dict(i, se, se_next, y, x0_hat))``.
+
+    ``y`` is the state *after* the step (at ``se_next``, EDM view); ``x0_hat`` the denoiser output
+    at ``se`` (the analytic one for an AFS step).
+    """
+    check_finite(y, i, sig[i], sig[i + 1])
+    if callback is not None:
+        callback(dict(i=i, se=sig[i], se_next=sig[i + 1], y=y, x0_hat=x0_hat))
+
+
+__all__ = ["NonFiniteError", "t_at", "alpha_at", "to_edm", "from_edm", "denoiser", "afs_slope", "check_finite",
+           "steps", "report", "Callback", "Denoiser"]

@@ -1,0 +1,157 @@
+"""Samplers that work in model space (x, t) with the schedule's alpha, sigma, logSNR: ddim, euler_maruyama, pc.
+
+They take the grid in EDM sigma like every sampler and convert it to times, so they can start at
+se=inf (t=1 of the flow schedule) exactly. The step to se=0 is a noise-free x0 readout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+
+from .core import alpha_at, check_finite, report, steps, t_at
+from .grids import check_grid
+from .noise import GeneratorLike, randn_like
+from .registry import register
+
+EtaLike = Union[float, Callable[[float], float]]
+
+
+def times(model, grid: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+    """(grid as floats, times, alphas) of a grid of EDM sigmas under the model's schedule."""
+    sig = check_grid(grid).tolist()
+    ts = [t_at(model.schedule, se) for se in sig]
+    return sig, ts, [alpha_at(model.schedule, se) for se in sig]
+
+
+def _report_x(callback, i: int, sig: list[float], x: torch.Tensor, alpha_next: float, x0: torch.Tensor) -> None:
+    # callbacks always see the EDM view y = x/alpha, whatever space the sampler works in
+    report(callback, i, sig, x if callback is None else x / alpha_next, x0)
+
+
+@register("ddim", nfe=lambda n, **_: n, rule="n", grid="uniform_t", stochastic=True)
+@torch.no_grad()
+def ddim(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike = None, callback=None,
+         class_labels: Optional[torch.Tensor] = None, progress: bool = False, eta: float = 0.0,
+         variance: str = "posterior") -> torch.Tensor:
+    """DDIM with eta (THEORY §4.3): eta=0 deterministic, eta=1 DDPM ancestral with the posterior variance.
+
+    From t to s: ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z``, ``c = eta sigma_s
+    sqrt(1 - exp(lam_t - lam_s))``. ``variance="large"`` keeps that mean but draws the noise with
+    DDPM's alternative std ``eta sqrt(1 - alpha_t^2/alpha_s^2)`` (sqrt(beta_t) for unit strides).
+    """
+    if variance not in ("posterior", "large"):
+        raise ValueError(f"ddim variance must be 'posterior' or 'large'; got {variance!r}")
+    if eta < 0:
+        raise ValueError(f"ddim eta must be >= 0; got {eta}")
+    sig, ts, alphas = times(model, grid)
+    for i in steps(sig, progress, "ddim"):
+        pred = model(x, ts[i], class_labels)
+        x0, eps = pred.x0, pred.eps
+        se, sn, a_s = sig[i], sig[i + 1], alphas[i + 1]
+        if sn == 0:
+            x = x0 if a_s == 1.0 else a_s * x0
+        else:
+            s_s = a_s * sn  # sigma_s, from the EDM level so that se=0 means exactly no noise
+            ratio2 = (sn / se) ** 2  # exp(lam_t - lam_s); 0 at se = inf
+            c = eta * s_s * math.sqrt(1 - ratio2)
+            x = a_s * x0 + math.sqrt(max(s_s**2 - c**2, 0.0)) * eps
+            std = c if variance == "posterior" else eta * math.sqrt(max(1 - (alphas[i] / a_s) ** 2, 0.0))
+            if std > 0:
+                x = x + std * randn_like(x, generator)
+        _report_x(callback, i, sig, x, a_s, x0)
+    return x
+
+
+def _eta_at(eta: EtaLike, model, t: float) -> float:
+    """eta_t: a multiple of the forward diffusion g(t) (float) or a user function of t."""
+    if callable(eta):
+        val = float(eta(t))
+    elif eta == 0:
+        return 0.0  # the PF-ODE; skips g, which is infinite at t=1 of the flow schedule
+    else:
+        val = float(eta) * math.sqrt(float(model.schedule.drift_diffusion(t)[1]))
+    if not (math.isfinite(val) and val >= 0):
+        raise ValueError(f"eta_t must be finite and >= 0; got {val} at t={t:.6g} ({model.schedule.name}); "
+                         f"start the grid below se=inf for a stochastic reverse SDE")
+    return val
+
+
+def sde_step(model, x: torch.Tensor, t: float, t_next: float, eta_t: float, generator: GeneratorLike,
+             class_labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler-Maruyama step of the reverse-SDE family (THEORY §4.4); returns (x_next, x0_hat).
+
+    ``x - h [f x - (g^2 + eta_t^2)/2 score] + eta_t sqrt(h) z`` written as ``velocity - eta_t^2/2 score``
+    (velocity = f x - g^2/2 score is the PF-ODE drift), which stays finite at t=1 of the flow schedule.
+    """
+    pred = model(x, t, class_labels)
+    h = t - t_next
+    drift = pred.velocity if eta_t == 0 else pred.velocity - 0.5 * eta_t**2 * pred.score
+    x = x - h * drift
+    if eta_t > 0:
+        x = x + eta_t * math.sqrt(h) * randn_like(x, generator)
+    return x, pred.x0
+
+
+@register("euler_maruyama", nfe=lambda n, **_: n, rule="n", grid="uniform_t", stochastic=True)
+@torch.no_grad()
+def euler_maruyama(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike = None, callback=None,
+                   class_labels: Optional[torch.Tensor] = None, progress: bool = False,
+                   eta: EtaLike = 1.0) -> torch.Tensor:
+    """Reverse-SDE family in t: eta_t = eta*g(t) (eta=1 classical reverse SDE, 0 the PF-ODE) or eta(t)."""
+    sig, ts, alphas = times(model, grid)
+    for i in steps(sig, progress, "euler_maruyama"):
+        if sig[i + 1] == 0:  # final noise-free readout
+            x0 = model(x, ts[i], class_labels).x0
+            x = x0 if alphas[i + 1] == 1.0 else alphas[i + 1] * x0
+        else:
+            x, x0 = sde_step(model, x, ts[i], ts[i + 1], _eta_at(eta, model, ts[i]), generator, class_labels)
+        _report_x(callback, i, sig, x, alphas[i + 1], x0)
+    return x
+
+
+def _norms(v: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    n = v.reshape(v.shape[0], -1).norm(dim=1)
+    return n if per_sample else n.mean().expand_as(n)
+
+
+@register("pc", nfe=lambda n, corrector_steps=1, **_: (n - 1) * (corrector_steps + 1) + 1,
+          rule="(n-1)(corrector_steps+1)+1", grid="uniform_t", stochastic=True)
+@torch.no_grad()
+def pc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike = None, callback=None,
+       class_labels: Optional[torch.Tensor] = None, progress: bool = False, corrector_steps: int = 1,
+       snr: float = 0.16, norm: str = "sample", eta: EtaLike = 1.0) -> torch.Tensor:
+    """Predictor-corrector (Score SDE): Langevin corrector steps at t_i, then a reverse-SDE Euler-Maruyama step.
+
+    Langevin: ``x += e score + sqrt(2e) z``, ``e = 2 a (snr ||z|| / ||score||)^2`` with
+    ``a = alpha_next^2/alpha^2`` (1 - beta of the step; 1 for VE). ``norm="sample"`` uses each
+    sample's own norms, so image i does not depend on the batch; ``"batch"`` averages them over the
+    batch as the Score SDE code does.
+    """
+    if norm not in ("sample", "batch"):
+        raise ValueError(f"pc norm must be 'sample' or 'batch'; got {norm!r}")
+    if corrector_steps < 0:
+        raise ValueError(f"pc corrector_steps must be >= 0; got {corrector_steps}")
+    sig, ts, alphas = times(model, grid)
+    for i in steps(sig, progress, "pc"):
+        if sig[i + 1] == 0:
+            x0 = model(x, ts[i], class_labels).x0
+            x = x0 if alphas[i + 1] == 1.0 else alphas[i + 1] * x0
+            _report_x(callback, i, sig, x, alphas[i + 1], x0)
+            continue
+        a = min((alphas[i + 1] / alphas[i]) ** 2, 1.0) if alphas[i] > 0 else 1.0
+        for _ in range(corrector_steps):
+            score = model(x, ts[i], class_labels).score
+            z = randn_like(x, generator)
+            e = 2 * a * (snr * _norms(z, norm == "sample") / _norms(score, norm == "sample")) ** 2
+            e = e.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+            x = x + e * score + torch.sqrt(2 * e) * z
+            check_finite(x, i, sig[i], sig[i])
+        x, x0 = sde_step(model, x, ts[i], ts[i + 1], _eta_at(eta, model, ts[i]), generator, class_labels)
+        _report_x(callback, i, sig, x, alphas[i + 1], x0)
+    return x
+
+
+__all__ = ["times", "sde_step", "ddim", "euler_maruyama", "pc"]
