@@ -112,9 +112,14 @@ def euler_maruyama(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Gen
     return x
 
 
-def _norms(v: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    n = v.reshape(v.shape[0], -1).norm(dim=1)
-    return n if per_sample else n.mean().expand_as(n)
+def _langevin_step(score: torch.Tensor, z: torch.Tensor, a: float, snr: float, sigma: float, norm: str) -> torch.Tensor:
+    """Step size e per sample: 2 a (snr ||z|| / ||score||)^2 with batch-mean or own norms, or 2 a (snr sigma)^2."""
+    if norm == "sigma":  # ||z||^2/||score||^2 ~ sigma^2 when the noise dominates; needs no other sample
+        return torch.full((score.shape[0],), 2 * a * (snr * sigma) ** 2, dtype=score.dtype, device=score.device)
+    nz, ns = (v.reshape(v.shape[0], -1).norm(dim=1) for v in (z, score))
+    if norm == "batch":
+        nz, ns = nz.mean().expand_as(nz), ns.mean().expand_as(ns)
+    return 2 * a * (snr * nz / ns) ** 2
 
 
 @register("pc", nfe=lambda n, corrector_steps=1, **_: (n - 1) * (corrector_steps + 1) + 1,
@@ -122,16 +127,19 @@ def _norms(v: torch.Tensor, per_sample: bool) -> torch.Tensor:
 @torch.no_grad()
 def pc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike = None, callback=None,
        class_labels: Optional[torch.Tensor] = None, progress: bool = False, corrector_steps: int = 1,
-       snr: float = 0.16, norm: str = "sample", eta: EtaLike = 1.0) -> torch.Tensor:
+       snr: float = 0.16, norm: str = "sigma", eta: EtaLike = 1.0) -> torch.Tensor:
     """Predictor-corrector (Score SDE): Langevin corrector steps at t_i, then a reverse-SDE Euler-Maruyama step.
 
     Langevin: ``x += e score + sqrt(2e) z``, ``e = 2 a (snr ||z|| / ||score||)^2`` with
-    ``a = alpha_next^2/alpha^2`` (1 - beta of the step; 1 for VE). ``norm="sample"`` uses each
-    sample's own norms, so image i does not depend on the batch; ``"batch"`` averages them over the
-    batch as the Score SDE code does.
+    ``a = alpha_next^2/alpha^2`` (1 - beta of the step; 1 for VE). ``norm="sigma"`` (default) uses
+    e = 2 a (snr sigma_t)^2, which needs no other sample, so per-image seeds hold; ``"batch"``
+    averages the norms over the batch as the Score SDE code does (image i then depends on its
+    batch; on the 2-D ring both give the right moments); ``"sample"``
+    uses each sample's own norms, which is only sane in high dimension (a near-zero score gives a
+    huge step).
     """
-    if norm not in ("sample", "batch"):
-        raise ValueError(f"pc norm must be 'sample' or 'batch'; got {norm!r}")
+    if norm not in ("batch", "sigma", "sample"):
+        raise ValueError(f"pc norm must be 'batch', 'sigma' or 'sample'; got {norm!r}")
     if corrector_steps < 0:
         raise ValueError(f"pc corrector_steps must be >= 0; got {corrector_steps}")
     sig, ts, alphas = times(model, grid)
@@ -145,8 +153,8 @@ def pc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike =
         for _ in range(corrector_steps):
             score = model(x, ts[i], class_labels).score
             z = randn_like(x, generator)
-            e = 2 * a * (snr * _norms(z, norm == "sample") / _norms(score, norm == "sample")) ** 2
-            e = e.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+            sigma_t = alphas[i] * sig[i] if math.isfinite(sig[i]) else float(model.schedule.sigma(ts[i]))
+            e = _langevin_step(score, z, a, snr, sigma_t, norm).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
             x = x + e * score + torch.sqrt(2 * e) * z
             check_finite(x, i, sig[i], sig[i])
         x, x0 = sde_step(model, x, ts[i], ts[i + 1], _eta_at(eta, model, ts[i]), generator, class_labels)

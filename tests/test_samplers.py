@@ -12,15 +12,6 @@ from samplers import grids
 MU, STD = 0.3, 0.5  # 1-D Gaussian data N(MU, STD^2): the PF-ODE map is known in closed form
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-waiting on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_model(schedule="vp_linear"):
     sch = schedules.by_name(schedule)
     return oracle.oracle_model(oracle.gaussian([MU], STD), sch)
