@@ -36,6 +36,7 @@ Coef = Union[float, torch.Tensor]
 #: se=0 (the last step's target) is embedded as this level: below any grid's se_last.
 EMBED_SE_FLOOR = 1e-4
 FORMAT = "unified-diffusion/amed-predictor"
+R_MARGIN = 1e-4
 
 
 def noise_embedding(se: torch.Tensor, dim: int) -> torch.Tensor:
@@ -96,7 +97,8 @@ class AMEDPredictor(nn.Module):
         else:
             h = self.mlp(emb)
         out = self.head(torch.cat([h, emb], dim=1))
-        r = torch.sigmoid(out[:, 0])
+        # kept off 0 and 1: r=1 on the last step would put the intermediate level at s=0
+        r = torch.sigmoid(out[:, 0]).clamp(R_MARGIN, 1 - R_MARGIN)
         c = 1 + self.delta_c * (2 * torch.sigmoid(out[:, 1]) - 1)
         a = 1 + self.delta_a * (2 * torch.sigmoid(out[:, 2]) - 1)
         return r, c, a
