@@ -1,0 +1,212 @@
+"""Pretrained diffusers models behind the ScoreModel interface.
+
+A diffusers pipeline folder in the DDPMPipeline layout (``unet/`` holding a ``UNet2DModel`` and
+``scheduler/`` holding any scheduler with ``alphas_cumprod``: DDPM, DDIM, PNDM, DPM-Solver, ...)
+or a Hub id of one becomes ``ScoreModel(net, DDPM(betas), parametrization, conditioning="index")``:
+
+* the scheduler's ``alphas_cumprod`` are our ``alpha^2`` at the knots ``t = (n+1)/T`` (the betas
+  are recomputed from them in float64, so the knots agree to float64 rounding);
+* ``prediction_type`` epsilon / v_prediction / sample becomes parametrization eps / v / x0;
+* the net sees diffusers' (fractional) timestep index ``n = t T - 1``.
+
+So every sampler, Skip-Tuning (the adapter exposes ``num_skips``/``set_skip_scales``), the AMED
+bottleneck feature, likelihood and SiD work on it. Weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .models.hooks import SkipScaler, SpatialMeanCapture
+from .schedules import DDPM
+from .score_model import ScoreModel
+
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+class DiffusersUNet(nn.Module):
+    """A diffusers ``UNet2DModel`` as a project net: ``net(x, c_noise, class_labels) -> x.shape``.
+
+    ``c_noise`` is diffusers' timestep index (may be fractional). A learned-variance model
+    (``out_channels = 2 * in_channels``) returns only its mean half. Skip i (0 = nearest the
+    input) is element i of diffusers' ``down_block_res_samples``.
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        cfg = unet.config
+        self.img_channels = int(cfg.in_channels)
+        self.img_resolution = int(cfg.sample_size) if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
+        out = int(cfg.out_channels)
+        if out not in (self.img_channels, 2 * self.img_channels):
+            raise ValueError(f"UNet2DModel has in_channels={self.img_channels}, out_channels={out}; expected out "
+                             f"= in (a prediction) or 2*in (prediction + learned variance)")
+        self.learned_variance = out == 2 * self.img_channels
+        self.num_classes = int(cfg.num_class_embeds or 0) if cfg.class_embed_type is None else 0
+        if cfg.class_embed_type is not None:
+            raise ValueError(f"class_embed_type={cfg.class_embed_type!r} is not supported; only an embedding "
+                             f"table (num_class_embeds) or no class conditioning")
+        self._mid = SpatialMeanCapture()
+        if unet.mid_block is not None:
+            unet.mid_block.register_forward_hook(self._mid)
+        self.feature_dim = int(cfg.block_out_channels[-1])
+        self.num_skips = 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) is not None else 0)
+                                 for b in unet.down_blocks)
+        consumed = [len(b.resnets) for b in unet.up_blocks]
+        if sum(consumed) != self.num_skips:
+            raise ValueError(f"decoder consumes {sum(consumed)} skips, encoder makes {self.num_skips}: unknown U-Net layout")
+        # up block j (deepest first) takes the trailing slice of the skips still unused
+        ends = [self.num_skips - sum(consumed[:j]) for j in range(len(consumed))]
+        self._skip_ranges = [(e - n, e) for e, n in zip(ends, consumed)]
+        self._skip_handles: list = []
+        self._skip_scales: Optional[list[float]] = None
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the UNet at (fractional) diffusers timestep ``c_noise`` [B]."""
+        if class_labels is not None:
+            if self.num_classes == 0:
+                raise ValueError("class labels given to an unconditional diffusers UNet")
+            if (class_labels >= self.num_classes).any() or (class_labels < 0).any():
+                raise ValueError(f"class label out of range {int(class_labels.min())}..{int(class_labels.max())}: "
+                                 f"this diffusers UNet has {self.num_classes} classes (0..{self.num_classes - 1}) and "
+                                 f"no null class, so classifier-free guidance is unavailable")
+        elif self.num_classes:
+            raise ValueError(f"this diffusers UNet is class-conditional ({self.num_classes} classes): give class labels")
+        c = torch.as_tensor(c_noise, device=x.device).to(torch.float32).reshape(-1).expand(x.shape[0])
+        out = self.unet(x, c, class_labels=class_labels, return_dict=False)[0]
+        return out[:, : self.img_channels] if self.learned_variance else out
+
+    # ---- Skip-Tuning (samplers.skip_tuning) ---------------------------------------------------
+    @property
+    def skip_scales(self) -> Optional[list[float]]:
+        """The active Skip-Tuning factors (None when none are active)."""
+        return None if self._skip_scales is None else list(self._skip_scales)
+
+    def set_skip_scales(self, scales: Optional[Sequence[float]]) -> None:
+        """Scale skip i by scales[i] before the decoder concat; None removes every hook."""
+        for h in self._skip_handles:
+            h.remove()
+        self._skip_handles, self._skip_scales = [], None
+        if scales is None:
+            return
+        scales = [float(s) for s in scales]
+        if len(scales) != self.num_skips or not all(math.isfinite(s) for s in scales):
+            raise ValueError(f"set_skip_scales needs {self.num_skips} finite factors; got {scales}")
+        self._skip_scales = scales
+        for block, (lo, hi) in zip(self.unet.up_blocks, self._skip_ranges):
+            if any(f != 1.0 for f in scales[lo:hi]):  # no hook where nothing changes: bit-exact at rho=1
+                self._skip_handles.append(block.register_forward_pre_hook(SkipScaler(scales[lo:hi]), with_kwargs=True))
+
+    def bottleneck_features(self) -> torch.Tensor:
+        """Spatial mean of the mid-block output of the latest forward, [B, feature_dim] (AMED)."""
+        if self._mid.value is None:
+            raise RuntimeError("bottleneck_features() needs a forward pass first (or the UNet has no mid block)")
+        return self._mid.value
+
+
+def schedule_from_scheduler(scheduler) -> DDPM:
+    """Our DDPM schedule with the scheduler's alphas_cumprod at the knots t = (n+1)/T."""
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    if ac is None:
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod; supported: discrete-time VP schedulers "
+                         f"(DDPMScheduler, DDIMScheduler, PNDMScheduler, DPMSolverMultistepScheduler, ...)")
+    ac = torch.as_tensor(ac, dtype=torch.float64)
+    if not ((ac > 0) & (ac < 1)).all():
+        raise ValueError("scheduler alphas_cumprod must lie in (0, 1) (zero-terminal-SNR schedules, "
+                         "rescale_betas_zero_snr=True, reach 0 and have no finite EDM sigma at the end)")
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    return DDPM(betas=1 - ac / prev)
+
+
+def _local_folder(path_or_id: str) -> Path:
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"pretrained model {path_or_id!r}: no such folder, and not a Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path_or_id, allow_patterns=["model_index.json", "unet/*.json",
+                                                                  f"unet/{WEIGHTS_FILE}", "scheduler/*"]))
+    except Exception as e:  # offline, unknown repo, gated...: say what was tried
+        raise FileNotFoundError(f"could not fetch {path_or_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+                                f"download it elsewhere and pass the local folder to --pretrained") from e
+
+
+def load_pretrained(path_or_id: str, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[ScoreModel, dict]:
+    """Load a diffusers UNet2DModel + scheduler folder (or Hub id) as a ScoreModel; also returns info.
+
+    ``info`` holds the folder, the weights' sha256, the scheduler class and prediction type.
+    """
+    import diffusers
+    from diffusers import UNet2DModel
+
+    from .metrics import sha256_file
+
+    folder = _local_folder(path_or_id)
+    need = [folder / "unet" / "config.json", folder / "unet" / WEIGHTS_FILE, folder / "scheduler" / "scheduler_config.json"]
+    missing = [str(p.relative_to(folder)) for p in need if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{str(folder)!r} is not a diffusers pipeline folder in DDPMPipeline layout with "
+                                f"safetensors weights: missing {missing} (expected unet/config.json, unet/{WEIGHTS_FILE}, "
+                                f"scheduler/scheduler_config.json)")
+    sched_cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    cls_name = sched_cfg.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise ValueError(f"unknown scheduler class {cls_name!r} in {folder / 'scheduler'}")
+    scheduler = cls.from_pretrained(folder, subfolder="scheduler")
+    pred = getattr(scheduler.config, "prediction_type", "epsilon")
+    if pred not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {pred!r} is not supported; valid: {sorted(PREDICTION_TYPES)}")
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype).to(device)
+    unet.eval().requires_grad_(False)
+    net = DiffusersUNet(unet)
+    model = ScoreModel(net, schedule_from_scheduler(scheduler), parametrization=PREDICTION_TYPES[pred],
+                       conditioning="index", num_classes=net.num_classes)
+    info = {"source": path_or_id, "folder": str(folder), "weights": str(folder / "unet" / WEIGHTS_FILE),
+            "sha256": sha256_file(folder / "unet" / WEIGHTS_FILE), "scheduler": cls_name, "prediction_type": pred,
+            "num_train_timesteps": int(scheduler.config.num_train_timesteps),
+            "sample_shape": [net.img_channels, net.img_resolution, net.img_resolution]}
+    return model, info
+
+
+def load_source(run: Optional[str] = None, pretrained: Optional[str] = None, ema: bool = True,
+                device: str | torch.device = "cpu") -> tuple[ScoreModel, dict]:
+    """A ScoreModel from a trained run folder or a pretrained diffusers model, with checkpoint info."""
+    from .metrics import sha256_file
+
+    if (run is None) == (pretrained is None):
+        raise ValueError("give exactly one of a run folder (--run) or a pretrained model (--pretrained)")
+    if pretrained is not None:
+        model, info = load_pretrained(pretrained, device=device)
+        return model, {"kind": "pretrained", **info}
+    from .checkpoint import EMA_NAME, MODEL_NAME, load_run
+
+    model, _ = load_run(run, ema=ema, device=device)  # raises clearly for missing or mismatched weights
+    weights = Path(run) / (EMA_NAME if ema else MODEL_NAME)
+    return model, {"kind": "run", "run": str(run), "weights": str(weights), "sha256": sha256_file(weights), "ema": ema}
+
+
+def sample_shape(model: ScoreModel) -> tuple[int, ...]:
+    """Shape of one sample: (C, H, W) for image nets, (D,) for vector nets."""
+    net = model.net
+    if getattr(net, "img_resolution", None):
+        return (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    if getattr(net, "dim", None):
+        return (int(net.dim),)
+    raise ValueError(f"cannot tell the sample shape of {type(net).__name__}: it has neither img_resolution nor dim")
+
+
+__all__ = ["DiffusersUNet", "schedule_from_scheduler", "load_pretrained", "load_source", "sample_shape",
+           "PREDICTION_TYPES"]
