@@ -193,7 +193,12 @@ def load_source(run: Optional[str] = None, pretrained: Optional[str] = None, ema
         return model, {"kind": "pretrained", **info}
     from .checkpoint import EMA_NAME, MODEL_NAME, load_run
 
-    model, _ = load_run(run, ema=ema, device=device)  # raises clearly for missing or mismatched weights
+    try:
+        model, _ = load_run(run, ema=ema, device=device)  # raises clearly for missing weights and key mismatches
+    except RuntimeError as e:  # torch's load_state_dict reports shape mismatches as RuntimeError
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"the weights in {run} do not fit the network built from its config.yaml "
+                         f"({len(lines)} shape mismatches, e.g. {lines[0] if lines else str(e)[:200]})") from e
     weights = Path(run) / (EMA_NAME if ema else MODEL_NAME)
     return model, {"kind": "run", "run": str(run), "weights": str(weights), "sha256": sha256_file(weights), "ema": ema}
 

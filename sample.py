@@ -1,0 +1,253 @@
+"""Sample images from a trained run or a pretrained diffusers model.
+
+    python sample.py --run RUN_DIR --sampler mvt --nfe 5 --num 64 --out samples/ --grid grid.png
+    python sample.py --pretrained DIFFUSERS_DIR_OR_HUB_ID --sampler ddim --nfe 50 --num 1000 --out samples/
+    accelerate launch sample.py --run RUN_DIR --nfe 10 --num 50000 --out samples/   # seeds split across processes
+
+Image i (file ``{i:06d}.png``) is drawn from seed ``S + i`` whatever the batch size or the number
+of processes. ``samples.json`` in the output folder records the sampler, grid, NFE actually used,
+seeds, checkpoint hash and wall time; ``evaluate.py fid`` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+GRID_MAX_IMAGES = 256
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as ``error: ...`` with exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The sample.py argument parser."""
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder written by train.py (config.yaml + safetensors weights)")
+    src.add_argument("--pretrained", help="diffusers pipeline folder (DDPMPipeline layout) or Hub id")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the measured default; see samplers.available())")
+    p.add_argument("--nfe", type=int, default=None, help="network-evaluation budget (not for adaptive samplers)")
+    p.add_argument("--num", type=int, required=True, help="number of images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
+    p.add_argument("--out", required=True, help="output folder for PNGs and samples.json")
+    p.add_argument("--grid", default=None, metavar="FILE.png", help=f"also write a grid of the first {GRID_MAX_IMAGES} images")
+    p.add_argument("--npz", default=None, metavar="FILE", help="also write all images as uint8 NHWC 'images' in an npz")
+    p.add_argument("--class-label", type=int, default=None, help="class for every image (conditional models)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w (1 = none)")
+    p.add_argument("--skip-tuning", type=float, default=None, metavar="RHO_BOTTOM", help="Skip-Tuning factor of the deepest skip")
+    p.add_argument("--predictor", default=None, help="learned AMED predictor (.safetensors) for --sampler mvt")
+    p.add_argument("--eta", type=float, default=None, help="eta for ddim (0 deterministic, 1 DDPM ancestral)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network dtype")
+    p.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+# ---- conditioning ----------------------------------------------------------------------------------
+
+
+def check_conditioning(model, class_label: Optional[int], cfg_scale: Optional[float]) -> None:
+    """Class label and guidance only for conditional models, labels within range."""
+    k = model.num_classes
+    if class_label is not None:
+        if k == 0:
+            raise UsageError(f"--class-label {class_label} given, but the model is unconditional")
+        if not 0 <= class_label < k:
+            raise UsageError(f"--class-label {class_label} out of range: the model has {k} classes (0..{k - 1})")
+    if cfg_scale is not None and cfg_scale != 1.0:
+        if k == 0:
+            raise UsageError(f"--cfg-scale {cfg_scale} needs a class-conditional model; this one is unconditional")
+        if not math.isfinite(cfg_scale):
+            raise UsageError(f"--cfg-scale must be finite; got {cfg_scale}")
+
+
+def image_labels(indices: Sequence[int], model, class_label: Optional[int], cfg_scale: Optional[float]) -> Optional[torch.Tensor]:
+    """Per-image labels: the given class; with guidance but no class, image i gets class i mod K."""
+    if class_label is not None:
+        return torch.full((len(indices),), class_label, dtype=torch.long)
+    if cfg_scale is not None and cfg_scale != 1.0:
+        # depends on the image index only, so labels too are independent of batching
+        return torch.tensor([i % model.num_classes for i in indices], dtype=torch.long)
+    return None
+
+
+# ---- writing --------------------------------------------------------------------------------------
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Samples in [-1, 1] [B, C, H, W] -> uint8 [B, H, W, C] (values outside are clipped)."""
+    return (x.float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(img: np.ndarray, path: Path) -> None:
+    """Write an HWC uint8 image (1 channel as grayscale)."""
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+
+
+def write_grid(images: np.ndarray, path: Path) -> None:
+    """A square-ish grid of uint8 NHWC images, 2-pixel padding (torchvision.utils.make_grid)."""
+    from torchvision.utils import make_grid
+
+    t = torch.from_numpy(images[:GRID_MAX_IMAGES]).permute(0, 3, 1, 2)
+    grid = make_grid(t, nrow=int(math.ceil(math.sqrt(t.shape[0]))), padding=2, pad_value=255)
+    save_png(grid.permute(1, 2, 0).numpy(), path)
+
+
+def write_vector_grid(x: np.ndarray, path: Path) -> None:
+    """Scatter plot of 2-D samples (first two coordinates) for vector data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(x[:, 0], x[:, 1], s=2)
+    ax.set_aspect("equal")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Sample as the arguments say; returns the manifest (also written to OUT/samples.json)."""
+    import samplers
+    from diffusion.pretrained import load_source, sample_shape
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    if args.num < 1 or args.batch_size < 1:
+        raise UsageError(f"--num and --batch-size must be >= 1; got {args.num}, {args.batch_size}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0; got {args.seed}")
+    sampler = args.sampler
+    if sampler is not None and sampler not in samplers.available():
+        raise UsageError(f"unknown sampler {sampler!r}; available samplers: {', '.join(samplers.available())}")
+    if args.predictor and sampler != "mvt":
+        raise UsageError(f"--predictor is for --sampler mvt (got --sampler {sampler})")
+    opts = {}
+    if args.predictor:
+        if not Path(args.predictor).is_file():
+            raise UsageError(f"--predictor {args.predictor!r}: no such file")
+        opts["predictor"] = args.predictor
+    if args.eta is not None:
+        opts["eta"] = args.eta
+
+    state = PartialState(cpu=args.device == "cpu")
+    device = torch.device(args.device) if args.device else state.device
+    model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
+    check_conditioning(model, args.class_label, args.cfg_scale)
+    if args.cfg_scale is not None and args.cfg_scale != 1.0:
+        model = model.with_guidance(args.cfg_scale)
+    dtype = DTYPES[args.dtype]
+    model.net.to(dtype)
+    shape = sample_shape(model)
+    out = Path(args.out)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+
+    start = time.perf_counter()
+    records = []  # (first index, nfe, grid) per batch of this process
+    with contextlib.ExitStack() as stack:
+        factors = (stack.enter_context(samplers.skip_tuning(model, args.skip_tuning))
+                   if args.skip_tuning is not None else None)
+        mine = stack.enter_context(state.split_between_processes(list(range(args.num))))
+        batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+        for idx in tqdm(batches, desc="sampling", disable=args.no_progress or not state.is_main_process):
+            gens = samplers.noise.generators(args.seed, len(idx), offset=idx[0])
+            noise = samplers.noise.randn((len(idx), *shape), gens).to(device=device, dtype=dtype)
+            labels = image_labels(idx, model, args.class_label, args.cfg_scale)
+            res = samplers.sample(model, noise, sampler=sampler, nfe=args.nfe, generator=gens,
+                                  class_labels=None if labels is None else labels.to(device), **opts)
+            bad = int((~torch.isfinite(res.x)).reshape(len(idx), -1).any(1).sum())
+            if bad:
+                raise FloatingPointError(f"{bad} of {len(idx)} samples in images {idx[0]}..{idx[-1]} are not finite "
+                                         f"(sampler {res.sampler}, NFE {res.nfe}); nothing was dropped, stopping")
+            if len(shape) == 3:
+                for i, img in zip(idx, to_uint8(res.x)):
+                    save_png(img, out / f"{i:06d}.png")
+            else:
+                np.save(out / f"{idx[0]:06d}.npy", res.x.float().cpu().numpy())
+            records.append((idx[0], res.nfe, res.grid.tolist(), res.sampler))
+    records = gather_object(records) if state.num_processes > 1 else records
+    state.wait_for_everyone()
+    wall = time.perf_counter() - start
+    if not state.is_main_process:
+        return {}
+
+    records.sort()
+    nfes = [r[1] for r in records]
+    grid = records[0][2]
+    manifest = {
+        "sampler": records[0][3], "nfe": max(nfes), "nfe_per_batch": nfes if len(set(nfes)) > 1 else None,
+        "grid": grid, "num": args.num, "image_shape": list(shape),
+        "seeds": {"start": args.seed, "count": args.num, "rule": "image i (file i) uses seed start + i"},
+        "batch_size": args.batch_size, "num_processes": state.num_processes,
+        "checkpoint": ckpt, "dtype": args.dtype, "device": str(device),
+        "class_label": args.class_label, "cfg_scale": args.cfg_scale,
+        "skip_tuning": None if factors is None else {"rho_bottom": args.skip_tuning, "factors": factors},
+        "predictor": args.predictor, "options": {k: v for k, v in opts.items() if k != "predictor"},
+        "wall_time_s": wall, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "command": "sample.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sample.py") else None,
+    }
+    if len(shape) == 3:
+        files = [f"{i:06d}.png" for i in range(args.num)]
+        manifest["files"] = files
+        if args.npz or args.grid:
+            images = np.stack([np.asarray(Image.open(out / f)) for f in files])
+            images = images[..., None] if images.ndim == 3 else images
+            if args.npz:
+                np.savez(args.npz, images=images, seeds=np.arange(args.seed, args.seed + args.num))
+            if args.grid:
+                write_grid(images, Path(args.grid))
+    else:
+        parts = sorted(out.glob("[0-9]*.npy"))
+        x = np.concatenate([np.load(p, allow_pickle=False) for p in parts])
+        for p in parts:
+            p.unlink()
+        np.savez(args.npz or out / "samples.npz", samples=x, seeds=np.arange(args.seed, args.seed + args.num))
+        manifest["npz"] = str(args.npz or out / "samples.npz")
+        if args.grid:
+            write_vector_grid(x, Path(args.grid))
+    (out / "samples.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; bad input exits with status 2 and a one-line error."""
+    args = build_parser().parse_args(argv)
+    try:
+        m = run(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # non-finite samples: reported, never dropped
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 1
+    if m:
+        print(f"wrote {m['num']} samples to {args.out} ({m['sampler']}, NFE {m['nfe']}, {m['wall_time_s']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
