@@ -1,7 +1,6 @@
 """FID/KID plumbing on small images with a deterministic extractor, and the offline digits measures."""
 
 import json
-import urllib.error
 
 import numpy as np
 import pytest
