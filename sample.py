@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-tuning", type=float, default=None, metavar="RHO_BOTTOM", help="Skip-Tuning factor of the deepest skip")
     p.add_argument("--predictor", default=None, help="learned AMED predictor (.safetensors) for --sampler mvt")
     p.add_argument("--eta", type=float, default=None, help="eta for ddim (0 deterministic, 1 DDPM ancestral)")
+    p.add_argument("--afs", action="store_true", help="analytical first step (saves 1 NFE; euler, dpmpp_2m, ipndm, mvt); "
+                   "implied when the NFE budget is only reachable with it, e.g. mvt at an odd NFE")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network dtype")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
@@ -85,6 +87,24 @@ def image_labels(indices: Sequence[int], model, class_label: Optional[int], cfg_
         # depends on the image index only, so labels too are independent of batching
         return torch.tensor([i % model.num_classes for i in indices], dtype=torch.long)
     return None
+
+
+def needs_afs(sampler: Optional[str], nfe: Optional[int], opts: dict) -> bool:
+    """True when the budget is reachable only with the analytical first step (mvt: 2n-1 NFE)."""
+    import samplers
+    from samplers.registry import spec
+
+    if sampler is None or nfe is None or "predictor" in opts or "afs" not in spec(sampler).options():
+        return False  # a learned predictor brings its own AFS setting
+    try:
+        samplers.steps_for_nfe(sampler, nfe, **opts)
+        return False
+    except ValueError:
+        try:
+            samplers.steps_for_nfe(sampler, nfe, **opts, afs=True)
+            return True
+        except ValueError:
+            return False  # unreachable either way: sample() reports the valid budgets
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -150,6 +170,8 @@ def run(args: argparse.Namespace) -> dict:
         opts["predictor"] = args.predictor
     if args.eta is not None:
         opts["eta"] = args.eta
+    if args.afs or needs_afs(sampler, args.nfe, opts):
+        opts["afs"] = True
 
     state = PartialState(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device else state.device

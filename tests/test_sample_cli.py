@@ -97,6 +97,14 @@ def test_skip_tuning_and_default_sampler(run_dir, tmp_path):
     assert not np.array_equal(images(tmp_path / "a"), images(tmp_path / "b"))
 
 
+def test_mvt_at_an_odd_budget_uses_the_analytical_first_step(run_dir, tmp_path):
+    out, grid = tmp_path / "m", tmp_path / "g.png"
+    assert call("--run", run_dir, "--sampler", "mvt", "--nfe", 5, "--num", 4, "--out", out, "--grid", grid) == 0
+    m = json.loads((out / "samples.json").read_text())
+    assert m["nfe"] == 5 and m["options"]["afs"] is True and len(m["grid"]) == 4  # 3 steps, 2*3-1 NFE
+    assert Image.open(grid).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+
+
 def test_class_label_and_guidance(cond_run, tmp_path):
     assert call("--run", cond_run, "--sampler", "euler", "--nfe", 3, "--num", 4, "--out", tmp_path / "c",
                 "--class-label", 3, "--cfg-scale", 2.0) == 0
