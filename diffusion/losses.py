@@ -44,7 +44,10 @@ class Objective:
     def draw(self, x0: torch.Tensor, schedule: Schedule, generator: Optional[torch.Generator] = None) -> Draw:
         """Draw t and eps and form x_t = alpha x0 + sigma eps."""
         t = self.sample_t(x0.shape[0], schedule, x0.device, generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        # draw on the generator's device (times are drawn on the CPU too), then move: a CPU generator then
+        # works for GPU data and gives the same noise on every device
+        gen_device = generator.device if generator is not None else x0.device
+        eps = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(x0.device)
         x_t = expand(schedule.alpha(t), x0) * x0 + expand(schedule.sigma(t), x0) * eps
         return Draw(t, eps, x_t)
 
