@@ -228,8 +228,8 @@ def main() -> int:
     md = [
         "# Default sampler + grid: tuning on the exact oracle",
         "",
-        f"DDPM schedule (linear betas 1e-4..0.02, T=1000); exact mixture denoiser; reference dopri5 "
-        f"rtol=atol=1e-8 from the same x_T. Samples: " + ", ".join(f"{k} {n}" for k, (_, n) in PROBLEMS.items()) + ".",
+        "DDPM schedule (linear betas 1e-4..0.02, T=1000); exact mixture denoiser; reference dopri5 "
+        "rtol=atol=1e-8 from the same x_T. Samples: " + ", ".join(f"{k} {n}" for k, (_, n) in PROBLEMS.items()) + ".",
         f"Tuning seed {SEED_TUNE}, check seed {SEED_CHECK} (the formal benchmark uses seed 0). "
         "Score = max over problems and NFE of (RMSE ratio to the best diffusers configuration at that NFE) / "
         "(allowed ratio: 0.6 at NFE 5 and 10, 1 elsewhere), and (median ratio / 0.5) at NFE 20; < 1 meets every target.",

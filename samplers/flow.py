@@ -14,7 +14,7 @@ import torch
 from .core import steps
 from .noise import GeneratorLike
 from .registry import register
-from .stochastic import _report_x, sde_step, times
+from .stochastic import report_x, sde_step, times
 
 
 @register("flow_euler", nfe=lambda n, **_: n, rule="n", grid="uniform_t")
@@ -25,7 +25,7 @@ def flow_euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generat
     sig, ts, alphas = times(model, grid)
     for i in steps(sig, progress, "flow_euler"):
         x, x0 = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels)
-        _report_x(callback, i, sig, x, alphas[i + 1], x0)
+        report_x(callback, i, sig, x, alphas[i + 1], x0)
     return x
 
 

@@ -26,7 +26,8 @@ def times(model, grid: torch.Tensor) -> tuple[list[float], list[float], list[flo
     return sig, ts, [alpha_at(model.schedule, se) for se in sig]
 
 
-def _report_x(callback, i: int, sig: list[float], x: torch.Tensor, alpha_next: float, x0: torch.Tensor) -> None:
+def report_x(callback, i: int, sig: list[float], x: torch.Tensor, alpha_next: float, x0: torch.Tensor) -> None:
+    """``core.report`` for samplers in model space: the callback sees y = x/alpha_next."""
     # callbacks always see the EDM view y = x/alpha, whatever space the sampler works in
     report(callback, i, sig, x if callback is None else x / alpha_next, x0)
 
@@ -61,7 +62,7 @@ def ddim(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike
             std = c if variance == "posterior" else eta * math.sqrt(max(1 - (alphas[i] / a_s) ** 2, 0.0))
             if std > 0:
                 x = x + std * randn_like(x, generator)
-        _report_x(callback, i, sig, x, a_s, x0)
+        report_x(callback, i, sig, x, a_s, x0)
     return x
 
 
@@ -108,7 +109,7 @@ def euler_maruyama(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Gen
             x = x0 if alphas[i + 1] == 1.0 else alphas[i + 1] * x0
         else:
             x, x0 = sde_step(model, x, ts[i], ts[i + 1], _eta_at(eta, model, ts[i]), generator, class_labels)
-        _report_x(callback, i, sig, x, alphas[i + 1], x0)
+        report_x(callback, i, sig, x, alphas[i + 1], x0)
     return x
 
 
@@ -147,7 +148,7 @@ def pc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike =
         if sig[i + 1] == 0:
             x0 = model(x, ts[i], class_labels).x0
             x = x0 if alphas[i + 1] == 1.0 else alphas[i + 1] * x0
-            _report_x(callback, i, sig, x, alphas[i + 1], x0)
+            report_x(callback, i, sig, x, alphas[i + 1], x0)
             continue
         a = min((alphas[i + 1] / alphas[i]) ** 2, 1.0) if alphas[i] > 0 else 1.0
         for _ in range(corrector_steps):
@@ -158,8 +159,8 @@ def pc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike =
             x = x + e * score + torch.sqrt(2 * e) * z
             check_finite(x, i, sig[i], sig[i])
         x, x0 = sde_step(model, x, ts[i], ts[i + 1], _eta_at(eta, model, ts[i]), generator, class_labels)
-        _report_x(callback, i, sig, x, alphas[i + 1], x0)
+        report_x(callback, i, sig, x, alphas[i + 1], x0)
     return x
 
 
-__all__ = ["times", "sde_step", "ddim", "euler_maruyama", "pc"]
+__all__ = ["times", "report_x", "sde_step", "ddim", "euler_maruyama", "pc"]

@@ -88,13 +88,12 @@ def test_mvt_step_trains_a_predictor():
     """mvt_step is differentiable in (r, c, a): a few Adam steps toward a fine teacher cut the step error."""
     torch.manual_seed(0)
     model = ring_model()
-    grid = [80.0, 2.0, 0.05]
     y0 = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 80.0
     a = lambda se: float(model.schedule.alpha(model.schedule.t_of_sigma_edm(se)))  # noqa: E731
     fine = grids.polynomial(40, 0.05, 80.0, p=1.0)[:-1]
-    teacher = samplers.get("heun")(model, y0 * a(80.0), torch.cat([fine[fine > 2.0], torch.tensor([2.0, 0.05], dtype=torch.float64)]), callback=None)
-    y_mid = samplers.get("heun")(model, y0 * a(80.0), torch.cat([fine[fine > 2.0], torch.tensor([2.0], dtype=torch.float64)])) / a(2.0)
-    teacher = teacher / a(0.05)
+    to_2 = torch.cat([fine[fine > 2.0], torch.tensor([2.0], dtype=torch.float64)])
+    y_mid = samplers.get("heun")(model, y0 * a(80.0), to_2) / a(2.0)  # the teacher's point at se=2
+    teacher = samplers.get("heun")(model, y0 * a(80.0), torch.cat([to_2, fine[fine < 2.0]])) / a(0.05)  # fine to 0.05
     pred = AMEDPredictor(feature_dim=0)
     opt = torch.optim.Adam(pred.parameters(), lr=5e-3)
     se_c, se_n = 2.0, 0.05  # train the second step, started from the teacher's point
