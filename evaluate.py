@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--features", default="inception", help="inception (default), randconv, pixels, or module:factory")
     f.add_argument("--inception", default=None, help="local inception-2015-12-05.pt (else $UD_INCEPTION_WEIGHTS, cache, download)")
     f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--no-kid", action="store_true", help="skip KID (clean-fid's estimator: 100 subsets of up to 1000 images)")
 
     n = sub.add_parser("nll", help="negative log-likelihood in bits/dim through the PF-ODE")
     src = n.add_mutually_exclusive_group(required=True)
@@ -73,7 +74,7 @@ def cmd_fid(args: argparse.Namespace) -> dict:
     from diffusion.metrics import fid_kid
 
     rec = fid_kid(args.samples, args.ref, features=args.features, inception=args.inception,
-                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress, kid=not args.no_kid)
     return {"metric": "fid", "samples": str(args.samples), **rec, "sampling": manifest_info(args.samples)}
 
 

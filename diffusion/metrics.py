@@ -414,8 +414,8 @@ def reference(ref: str, extractor: FeatureExtractor, *, batch_size: int = 64, de
 
 
 def fid_kid(samples: str | Path, ref: str, *, features: str = "inception", inception: Optional[str | Path] = None,
-            batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False) -> dict:
-    """FID and KID of a samples folder against a reference; a JSON-ready record."""
+            batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False, kid: bool = True) -> dict:
+    """FID and (unless ``kid=False``) KID of a samples folder against a reference; a JSON-ready record."""
     files = list_images(samples)
     extractor = get_features(features, inception=inception, device=device)
     refr = reference(ref, extractor, batch_size=batch_size, device=device, progress=progress)
@@ -423,18 +423,18 @@ def fid_kid(samples: str | Path, ref: str, *, features: str = "inception", incep
     if stats.mu.shape != refr.stats.mu.shape:
         raise ValueError(f"samples give {stats.mu.shape[0]}-D {features} features but the reference {refr.name!r} "
                          f"has {refr.stats.mu.shape[0]}-D statistics (computed with another extractor?)")
-    kid = kernel_distance(refr.stats.feats, stats.feats) if refr.stats.feats is not None else None
+    kid_value = kernel_distance(refr.stats.feats, stats.feats) if kid and refr.stats.feats is not None else None
     with Image.open(files[0]) as im:
         size = list(im.size)
     record = {
-        "fid": frechet_distance(stats, refr.stats), "kid": kid,
+        "fid": frechet_distance(stats, refr.stats), "kid": kid_value,
         "num_images": len(files), "image_size": size,
         "features": extractor.name, "features_info": extractor.info, "cleanfid_mode": extractor.mode,
         "reference": {"name": refr.name, "sha256": refr.sha256, "num_images": refr.num_images},
         "note": (f"published FID numbers use {PUBLISHED_NUM_IMAGES} images; this record used {len(files)}"
                  + ("" if extractor.name == "inception" else f"; '{extractor.name}' features are not Inception FID")),
     }
-    if kid is None:
+    if kid and kid_value is None:
         record["kid_note"] = "reference statistics store no features, so KID cannot be computed"
     return record
 
