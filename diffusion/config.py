@@ -107,6 +107,7 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept on disk
     tensorboard: bool = True
     overwrite: bool = False  # allow a fresh run into a run folder that already holds checkpoints
+    time_limit_min: float = 0.0  # stop early (saving everything) after this many minutes; 0: no limit
     cpu_threads: int = 0  # torch intra-op threads (0: torch's default); 1 is far faster on a shared CPU
 
 
@@ -144,7 +145,8 @@ CHOICES: dict[str, Sequence[str]] = {
 
 #: keys that may change when a run is resumed; everything else must match the checkpoint's config
 RESUMABLE_CHANGES = ("name", "run_dir", "train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "train.keep_last", "train.tensorboard", "train.overwrite", "train.cpu_threads", "data.num_workers", "data.root")
+                     "train.keep_last", "train.tensorboard", "train.overwrite", "train.cpu_threads",
+                     "train.time_limit_min", "data.num_workers", "data.root", "preview")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +240,8 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     from .build import dataset_names, network_names
 
+    if cfg.train.mixed_precision in ("False", "false"):  # YAML 1.1 reads a bare `no` as the boolean false
+        cfg.train.mixed_precision = "no"
     for key, valid in CHOICES.items():
         _choice(cfg, key, valid)
     _choice(cfg, "data.name", dataset_names())
@@ -250,7 +254,8 @@ def validate(cfg: DictConfig) -> DictConfig:
                 "train.keep_last", "model.sigma_data"):
         _positive(cfg, key)
     for key in ("train.log_every", "train.sample_every", "train.ckpt_every", "optim.warmup_steps",
-                "optim.weight_decay", "optim.grad_clip", "model.num_classes", "data.num_workers", "train.cpu_threads"):
+                "optim.weight_decay", "optim.grad_clip", "model.num_classes", "data.num_workers", "train.cpu_threads",
+                "train.time_limit_min"):
         _positive(cfg, key, allow_zero=True)
     if not 0.0 <= cfg.model.label_dropout <= 1.0:
         raise ConfigError(f"model.label_dropout must lie in [0, 1]; got {cfg.model.label_dropout}")

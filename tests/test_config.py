@@ -81,6 +81,12 @@ def test_bad_values_are_explained(override: str, pattern: str) -> None:
         load_config(None, [override])
 
 
+def test_bare_no_means_no_mixed_precision() -> None:
+    # YAML reads `no` as a boolean; `train.mixed_precision=no` must still mean accelerate's "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
 def test_malformed_overrides_and_missing_files() -> None:
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])
