@@ -324,7 +324,9 @@ def kernel_distance(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
 
 # ---- references ------------------------------------------------------------------------------------
 
-NAMED_REFERENCES = {"cifar10-train": ("cifar10", 32, "train"), "cifar10-test": ("cifar10", 32, "test")}
+# name -> (dataset, split, clean-fid statistics resolution or None when clean-fid publishes none)
+NAMED_REFERENCES = {"cifar10-train": ("cifar10", "train", 32), "cifar10-test": ("cifar10", "test", 32),
+                    "digits": ("digits", "all", None)}
 
 
 @dataclass
@@ -366,34 +368,44 @@ def _cleanfid_stats(dataset: str, res: int, split: str) -> tuple[FeatureStats, s
     return stats, sha256_file(out[""])
 
 
-def _dataset_folder(dataset: str, split: str) -> Path:
-    """A torchvision dataset written out once as PNGs under the cache (for non-Inception features)."""
-    folder = cache_dir("datasets", f"{dataset}-{split}-png")
-    if any(folder.glob("*.png")):
-        return folder
-    import torchvision
+def _dataset_folder(dataset: str, split: str, resolution: int) -> Path:
+    """A project dataset (diffusion.data) written out once as PNGs under the cache, at ``resolution``."""
+    from .data import build_dataset
 
-    root = cache_dir("datasets")
-    try:
-        ds = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=True)
-    except Exception as e:  # torchvision raises RuntimeError/URLError offline
-        raise FileNotFoundError(f"{dataset}-{split} is not in {str(root)!r} and could not be downloaded ({e}); "
-                                f"pass --ref DIR with the reference images instead") from e
-    for i, arr in enumerate(ds.data):
-        Image.fromarray(arr).save(folder / f"{i:06d}.png")
+    folder = cache_dir("datasets", f"{dataset}-{split}-{resolution}px-png")
+    if (folder / "complete").is_file():
+        return folder
+    if dataset == "cifar10":
+        root = cache_dir("datasets", "cifar10")
+        try:
+            ds = build_dataset("cifar10", root=root, resolution=resolution, train=split == "train", download=True)
+        except Exception as e:  # torchvision raises RuntimeError/URLError offline
+            raise FileNotFoundError(f"CIFAR-10 is not in {str(root)!r} and could not be downloaded ({e}); put the "
+                                    f"extracted cifar-10-batches-py/ there, or pass --ref DIR / --ref stats.npz") from e
+    else:
+        ds = build_dataset(dataset, resolution=resolution)
+    for i in range(len(ds)):
+        x = ds[i][0]
+        save = (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(save[..., 0] if save.shape[-1] == 1 else save).save(folder / f"{i:06d}.png")
+    (folder / "complete").write_text(f"{len(ds)}\n")  # an interrupted export is redone, not reused
     return folder
 
 
-def reference(ref: str, extractor: FeatureExtractor, *, batch_size: int = 64, device: str | torch.device = "cpu",
-              progress: bool = False) -> Reference:
-    """Resolve ``--ref``: a named dataset (cifar10-train), a folder of images, or a stats .npz."""
+def reference(ref: str, extractor: FeatureExtractor, *, resolution: int, batch_size: int = 64,
+              device: str | torch.device = "cpu", progress: bool = False) -> Reference:
+    """Resolve ``--ref``: a named dataset (cifar10-train, digits), a folder of images, or a stats .npz.
+
+    Named datasets are compared at the samples' ``resolution``; for Inception on CIFAR-10 at 32 px
+    clean-fid's published statistics are used.
+    """
     path = Path(ref).expanduser()
     if ref in NAMED_REFERENCES:
-        dataset, res, split = NAMED_REFERENCES[ref]
-        if extractor.name == "inception":
-            stats, digest = _cleanfid_stats(dataset, res, split)
+        dataset, split, published = NAMED_REFERENCES[ref]
+        if extractor.name == "inception" and published == resolution:
+            stats, digest = _cleanfid_stats(dataset, published, split)
             return Reference(stats, ref, digest, stats.count)
-        path = _dataset_folder(dataset, split)
+        path = _dataset_folder(dataset, split, resolution)
     if path.is_file():
         if path.suffix != ".npz":
             raise ValueError(f"reference file {ref!r} is not an .npz of statistics (mu, sigma[, feats])")
@@ -417,15 +429,15 @@ def fid_kid(samples: str | Path, ref: str, *, features: str = "inception", incep
             batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False, kid: bool = True) -> dict:
     """FID and (unless ``kid=False``) KID of a samples folder against a reference; a JSON-ready record."""
     files = list_images(samples)
+    with Image.open(files[0]) as im:
+        size = list(im.size)
     extractor = get_features(features, inception=inception, device=device)
-    refr = reference(ref, extractor, batch_size=batch_size, device=device, progress=progress)
+    refr = reference(ref, extractor, resolution=size[0], batch_size=batch_size, device=device, progress=progress)
     stats = FeatureStats.of(image_features(files, extractor, batch_size, device, progress, desc="samples"))
     if stats.mu.shape != refr.stats.mu.shape:
         raise ValueError(f"samples give {stats.mu.shape[0]}-D {features} features but the reference {refr.name!r} "
                          f"has {refr.stats.mu.shape[0]}-D statistics (computed with another extractor?)")
     kid_value = kernel_distance(refr.stats.feats, stats.feats) if kid and refr.stats.feats is not None else None
-    with Image.open(files[0]) as im:
-        size = list(im.size)
     record = {
         "fid": frechet_distance(stats, refr.stats), "kid": kid_value,
         "num_images": len(files), "image_size": size,

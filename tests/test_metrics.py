@@ -150,3 +150,11 @@ def test_digits_folder_at_16px_downsamples_exactly(tmp_path):
     assert np.allclose(px, imgs.reshape(-1, 64) / 255.0, atol=1e-6)
     rec = M.digits_metrics_folder(folder)
     assert rec["image_size"] == [16, 16] and rec["num_images"] == 20
+
+
+def test_named_digits_reference_is_the_dataset(tmp_path):
+    x, _ = M.digits_reference()
+    folder = write_folder(tmp_path / "all", np.round(x.reshape(-1, 8, 8) * 255).astype(np.uint8))
+    rec = M.fid_kid(folder, "digits", features="randconv", kid=False)
+    assert rec["reference"]["num_images"] == len(x) == rec["num_images"]
+    assert abs(rec["fid"]) < 1e-6  # the exported reference holds exactly the same pixels

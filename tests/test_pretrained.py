@@ -124,3 +124,14 @@ def test_bad_pretrained_folders(tmp_path):
     model, _ = load_pretrained(str(save_pipeline(tmp_path / "q")))
     with pytest.raises(ValueError, match="unconditional"):
         model(torch.zeros(1, 1, 8, 8), 0.5, class_labels=torch.tensor([0]))
+
+
+def test_hub_id_offline_error(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="could not fetch 'google/ddpm-cifar10-32' from the Hugging Face Hub"):
+        load_pretrained("google/ddpm-cifar10-32")
