@@ -103,6 +103,9 @@ class Prediction:
         val = getattr(self, name)
         if val is None:
             raise ValueError(f"{name} is needed to convert from/to velocity but was not given")
+        if callable(val):  # derivatives are computed only when a velocity is asked for
+            val = val()
+            setattr(self, name, val)
         return val
 
     @property

@@ -258,6 +258,16 @@ class DDPM(Schedule):
     def sigma(self, t: TimeLike) -> torch.Tensor:
         return torch.sqrt(-torch.expm1(self.log_alpha2(t)))
 
+    def dalpha(self, t: TimeLike) -> torch.Tensor:
+        # piecewise linear log alpha^2: its slope on the segment holding t is T * (knot difference)
+        t = as_time(t)
+        knots = self._log_a2.to(t.device)
+        i = (t * self.T).floor().clamp(0, self.T - 1).long()
+        return self.alpha(t) * (knots[i + 1] - knots[i]) * self.T / 2
+
+    def dsigma(self, t: TimeLike) -> torch.Tensor:
+        return -self.alpha(t) * self.dalpha(t) / self.sigma(t)
+
     def logsnr(self, t: TimeLike) -> torch.Tensor:
         la2 = self.log_alpha2(t)
         return la2 - torch.log(-torch.expm1(la2))

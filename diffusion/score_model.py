@@ -117,7 +117,8 @@ class ScoreModel(nn.Module):
         labels = self._check_labels(class_labels, x.shape[0])
         s = self.schedule
         alpha, sigma = s.alpha(t), s.sigma(t)
-        dalpha, dsigma = s.dalpha(t), s.dsigma(t)
+        # lazily: most samplers never ask for the velocity, and derivatives cost autograd on some schedules
+        dalpha, dsigma = (lambda: s.dalpha(t)), (lambda: s.dsigma(t))
         if self.parametrization == "edm":
             c_skip, c_out, c_in, c_noise = edm_precond(sigma / alpha, self.sigma_data)
             y = x / expand(alpha, x)
