@@ -27,6 +27,7 @@ from PIL import Image
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRID_MAX_IMAGES = 256
+GRID_MIN_TILE = 32  # pixels: smaller samples are enlarged in the grid picture only
 
 
 class UsageError(ValueError):
@@ -121,10 +122,16 @@ def save_png(img: np.ndarray, path: Path) -> None:
 
 
 def write_grid(images: np.ndarray, path: Path) -> None:
-    """A square-ish grid of uint8 NHWC images, 2-pixel padding (torchvision.utils.make_grid)."""
+    """A square-ish grid of uint8 NHWC images, 2-pixel padding (torchvision.utils.make_grid).
+
+    Images smaller than GRID_MIN_TILE pixels are enlarged by an integer factor (nearest) so 8x8
+    digits stay visible; the PNG files themselves keep the native size.
+    """
     from torchvision.utils import make_grid
 
     t = torch.from_numpy(images[:GRID_MAX_IMAGES]).permute(0, 3, 1, 2)
+    k = max(1, math.ceil(GRID_MIN_TILE / t.shape[-1]))
+    t = t.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
     grid = make_grid(t, nrow=int(math.ceil(math.sqrt(t.shape[0]))), padding=2, pad_value=255)
     save_png(grid.permute(1, 2, 0).numpy(), path)
 

@@ -80,7 +80,7 @@ def test_manifest_grid_and_npz(run_dir, tmp_path):
     assert m["seeds"]["start"] == 7 and m["seeds"]["count"] == 8 and len(m["files"]) == 8
     assert m["checkpoint"]["sha256"] == sha256_file(run_dir / "ema.safetensors") and m["checkpoint"]["ema"]
     assert m["wall_time_s"] > 0 and m["image_shape"] == [1, 8, 8]
-    assert Image.open(grid).size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)  # 8 images: 3 per row, 2-px padding
+    assert Image.open(grid).size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)  # 8 images: 3 per row, 8 px shown as 32
     z = np.load(npz, allow_pickle=False)
     assert np.array_equal(z["images"][..., 0], images(out)) and z["seeds"].tolist() == list(range(7, 15))
     assert call("--run", run_dir, "--sampler", "heun", "--nfe", 5, "--num", 2, "--no-ema", "--out", tmp_path / "raw") == 0
@@ -102,7 +102,7 @@ def test_mvt_at_an_odd_budget_uses_the_analytical_first_step(run_dir, tmp_path):
     assert call("--run", run_dir, "--sampler", "mvt", "--nfe", 5, "--num", 4, "--out", out, "--grid", grid) == 0
     m = json.loads((out / "samples.json").read_text())
     assert m["nfe"] == 5 and m["options"]["afs"] is True and len(m["grid"]) == 4  # 3 steps, 2*3-1 NFE
-    assert Image.open(grid).size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    assert Image.open(grid).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
 
 
 def test_class_label_and_guidance(cond_run, tmp_path):
