@@ -141,3 +141,17 @@ def test_resolve_checkpoint_errors() -> None:
         resolve_checkpoint("latest", "/nonexistent/checkpoints")
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_checkpoint("/nonexistent/step_x", "/nonexistent")
+
+
+@pytest.mark.parametrize("overrides, cls, attrs", [
+    (["objective.name=flow", "objective.options.t_sampling=logit_normal"], "FlowMatchingLoss",
+     {"t_sampling": "logit_normal"}),
+    (["objective.name=v", "objective.options.min_snr_gamma=5"], "VLoss", {"gamma": 5}),
+    (["objective.name=multiscale", "objective.options.scales=[1,2]"], "MultiscaleLoss", {"scales": [1, 2]}),
+    (["objective.name=edm", "objective.options.p_mean=-1.0"], "EDMLoss", {"p_mean": -1.0}),
+])
+def test_objective_options_reach_the_loss(overrides: list[str], cls: str, attrs: dict) -> None:
+    loss = build.build_loss(load_config(None, overrides))
+    assert type(loss).__name__ == cls
+    for k, v in attrs.items():
+        assert getattr(loss, k) == v

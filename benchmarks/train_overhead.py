@@ -1,0 +1,149 @@
+"""Trainer overhead: steps/s of ``diffusion.training.train`` vs a bare PyTorch loop, same model/batch/data.
+
+Both sides run the default recipe's network (configs/digits_unet.yaml), the same ScoreModel and
+objective, the same batch size and the same in-memory digits. The bare loop is forward, loss,
+backward, AdamW step and nothing else. The trainer adds accelerate's wrappers, the DataLoader over
+the resumable stream, EMA, gradient-norm clipping, the NaN/Inf check, tqdm, JSONL + TensorBoard
+logging.
+
+This machine is shared with other jobs whose load changes by the second, so the two sides are
+interleaved step by step: each iteration of the trainer's loop first runs one bare step (timed
+alone), then the trainer's own step. A trainer iteration's time is the time from one loop iteration
+to the next minus the bare step inside it, so logging, tqdm and EMA are all counted, and both sides
+see the same load. Ratio of mean step times with a paired bootstrap interval. Target: ratio >= 0.9.
+
+    .venv/bin/python benchmarks/train_overhead.py [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (Target, environment, markdown_table, paired_bootstrap_ratio,  # noqa: E402
+                               write_json, write_markdown)
+from diffusion import build  # noqa: E402
+from diffusion.config import load_config  # noqa: E402
+from diffusion.training import _Run, train  # noqa: E402
+
+NAME = "train_overhead"
+CONFIG = ROOT / "configs" / "digits_unet.yaml"
+WARMUP = 10
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where accelerate will train too
+
+
+class BareLoop:
+    """The plainest loop over the same model, objective, batch and data."""
+
+    def __init__(self, cfg, device: torch.device) -> None:
+        torch.manual_seed(cfg.train.seed)
+        self.data = build.build_data(cfg).images.to(device)  # the digits live in memory: index them directly
+        net = build.build_network(cfg).to(device)
+        self.model = build.build_score_model(cfg, net)
+        self.objective = build.build_loss(cfg)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.g = torch.Generator().manual_seed(0)
+        self.b, self.i = cfg.train.batch_size, 0
+
+    def step(self) -> None:
+        """One optimizer step on a random batch."""
+        idx = torch.randint(0, len(self.data), (self.b,), generator=self.g).to(self.data.device)
+        loss = self.objective(self.model, self.data[idx], None, self.g).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def interleaved(cfg, steps: int, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step seconds (bare, trainer) from one trainer run with a bare step inside each iteration."""
+    bare = BareLoop(cfg, DEVICE)
+    enters, bare_s = [], []
+    real = _Run.train_step
+
+    def paired(run: _Run):
+        enters.append(time.perf_counter())
+        t0 = time.perf_counter()
+        bare.step()
+        if DEVICE.type == "cuda":  # finish the bare step's kernels so they are not billed to the trainer
+            torch.cuda.synchronize()
+        bare_s.append(time.perf_counter() - t0)
+        return real(run)
+
+    cfg = cfg.copy()
+    cfg.train.steps, cfg.run_dir, cfg.train.overwrite = steps + 1, str(tmp / "run"), True
+    _Run.train_step = paired
+    try:
+        train(cfg)  # no preview sampler: sampling is not training overhead
+    finally:
+        _Run.train_step = real
+    iteration = np.diff(np.array(enters))  # iteration i runs from enter i to enter i+1 (the last has no end)
+    trainer = iteration - np.array(bare_s[:-1])
+    return np.array(bare_s[WARMUP:-1]), trainer[WARMUP:]
+
+
+def _hardware() -> str:
+    if DEVICE.type == "cuda":
+        return (f"GPU {torch.cuda.get_device_name()} (the bare step ends with a CUDA sync so that its kernels are "
+                f"not billed to the trainer; the trainer syncs once per step too, reading the loss)")
+    return f"{torch.get_num_threads()} torch thread(s), CPU ({os.cpu_count()} cores, shared with other jobs)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, print the verdict and write benchmarks/results/train_overhead.{md,json}."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="timed steps (after a warm-up of %d)" % WARMUP)
+    args = p.parse_args(argv)
+
+    cfg = load_config(CONFIG, ["train.ckpt_every=0", "train.sample_every=0", "train.log_every=25"])
+    if cfg.train.cpu_threads:
+        torch.set_num_threads(cfg.train.cpu_threads)
+    cfg = build.resolve(cfg, build.build_data(cfg))
+    name = NAME if DEVICE.type == "cpu" else f"{NAME}_{DEVICE.type}"
+    with tempfile.TemporaryDirectory() as d:
+        bare, ours = interleaved(cfg, WARMUP + args.steps, Path(d))
+    slow = paired_bootstrap_ratio(ours, bare, stat="mean")  # trainer time / bare time
+    ratio = 1 / slow.value
+    ci = (1 / slow.hi, 1 / slow.lo)
+    target = Target("trainer steps/s / bare loop steps/s", ratio, 0.9, ">=",
+                    detail=f"95% CI {ci[0]:.3f}..{ci[1]:.3f}; {cfg.model.kind} {dict(cfg.model.options)} "
+                           f"{list(cfg.model.input_shape)}, batch {cfg.train.batch_size}")
+    print(target.line())
+    rows = [["bare loop", 1 / bare.mean(), 1000 * bare.mean(), 1000 * np.median(bare)],
+            ["trainer", 1 / ours.mean(), 1000 * ours.mean(), 1000 * np.median(ours)]]
+    table = markdown_table(["side", "steps/s", "mean ms/step", "median ms/step"], rows)
+    md = f"""# Trainer overhead
+
+`python benchmarks/train_overhead.py --steps {args.steps}`
+
+Same network ({cfg.model.kind}, preset {cfg.model.preset}, options {dict(cfg.model.options)}), objective
+{cfg.objective.name}, batch {cfg.train.batch_size}, in-memory digits {list(cfg.model.input_shape)},
+{_hardware()}. The bare loop is
+forward + loss + backward + AdamW; the trainer adds accelerate, the DataLoader over the resumable stream, EMA,
+grad-norm clipping, the NaN check, tqdm and JSONL/TensorBoard logging (every {cfg.train.log_every} steps).
+The sides are interleaved step by step ({args.steps} timed steps each after {WARMUP} warm-up steps), so
+both see the same machine load; each trainer step is timed from one loop iteration to the next minus the
+bare step run inside it.
+
+{table}
+
+**{target.line()}**
+"""
+    write_markdown(name, md)
+    write_json(name, {"target": target, "ratio_ci95": ci, "bare_mean_s": bare.mean(), "trainer_mean_s": ours.mean(),
+                      "bare_median_s": float(np.median(bare)), "trainer_median_s": float(np.median(ours)),
+                      "steps": args.steps, "config": str(CONFIG.relative_to(ROOT)), "environment": environment()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
