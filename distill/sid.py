@@ -1,0 +1,521 @@
+"""Score identity Distillation (SiD): a one-step generator distilled from a diffusion teacher (THEORY §6).
+
+    python -m distill sid --teacher RUN_DIR | oracle:ring2d | oracle:mixture64d | pretrained:DIR --out RUN_DIR
+    accelerate launch -m distill sid ...           (same arguments; mixed precision via --mixed-precision)
+
+Three networks in the EDM view (y = x0 + se * n): the frozen teacher f_phi, the fake score f_psi and
+the generator G, both initialised from the teacher (from an MLP fitted to it when the teacher is the
+weightless oracle). G makes a sample in one forward pass, x_g = G(sig_init * z, sig_init). Each
+iteration alternates a fake-score step (EDM loss on detached x_g) and a generator step with
+
+    L_G = w * sum((fr - ff) * ((fr - x_g) - alpha * (fr - ff))),   w = 1 / mean|x_g - fr| (detached)
+
+where fr, ff are the teacher's and fake denoisers at x_t = x_g + se * n, se from the rho=7 ramp
+restricted to u ~ U[0, 0.8]. In eps language this is L2 - alpha * L1 (Su); alpha = 0.5 gives the
+exact Fisher-divergence gradient, SiD's default 1.2 adds anti-collapse pressure, 1.5 diverges.
+
+The run folder holds ``config.yaml`` (``kind: generator``, ``generator.sig_init``), ``model.safetensors``
+(G), ``ema.safetensors`` (EMA of G), ``metrics.jsonl``, ``samples.png``, ``loss.png`` and
+``checkpoints/`` for exact resume (``--resume``). Sample it with ``load_generator`` + ``generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from diffusion.losses import Draw, build_objective
+from diffusion.prediction import expand
+from diffusion.score_model import ScoreModel
+
+from .common import (NonFiniteCounter, PrefitConfig, Teacher, check_finite, check_scale, ema_decay, latest_checkpoint,
+                     load_teacher, prefit, read_training_state, student_from_net, write_training_state)
+
+ALPHA_RANGE = (0.0, 1.5)  # open interval: 1.5 diverges (SiD paper), <= 0 is not a score divergence
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: small functions, tested against closed forms in tests/test_sid.py
+# ---------------------------------------------------------------------------------------------
+
+
+def check_alpha(alpha: float) -> float:
+    """Return alpha if it lies in the open interval (0, 1.5), else raise ValueError."""
+    lo, hi = ALPHA_RANGE
+    if not isinstance(alpha, (int, float)) or not lo < float(alpha) < hi:
+        raise ValueError(f"SiD alpha must lie in the open interval ({lo}, {hi}); got {alpha!r} "
+                         f"(0.5 = Fisher-divergence gradient, 1.0 = stop-gradient, 1.2 = SiD default; 1.5 diverges)")
+    return float(alpha)
+
+
+def generator_sigmas(n: int, generator: Optional[torch.Generator] = None, t_max_frac: float = 0.8,
+                     sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """EDM noise levels of the generator step: the rho-ramp at u ~ U[0, t_max_frac] (u=0 is sigma_min)."""
+    u = t_max_frac * torch.rand(n, dtype=torch.float64, generator=generator)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + (1 - u) * (b - a)) ** rho
+
+
+def sid_generator_loss(x_g: torch.Tensor, fr: torch.Tensor, ff: torch.Tensor, alpha: float,
+                       normalize: bool = True) -> torch.Tensor:
+    """Per-sample SiD generator loss sum((fr-ff) * ((fr-x_g) - alpha (fr-ff))), scaled by 1/mean|x_g-fr|."""
+    diff = fr - ff
+    loss = (diff * ((fr - x_g) - alpha * diff)).flatten(1).sum(1)
+    if normalize:
+        # SiD's per-sample weight: detached, so it rescales the gradient without being differentiated
+        w = 1.0 / (x_g - fr).detach().abs().flatten(1).mean(1).clamp_min(1e-5)
+        loss = w * loss
+    return loss
+
+
+def generate(model: ScoreModel, noise: torch.Tensor, sig_init: float = 2.5,
+             class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One-step sampling: x = G(sig_init * noise, sig_init) with unit Gaussian ``noise``."""
+    se = torch.full((noise.shape[0],), float(sig_init), dtype=torch.float64, device=noise.device)
+    return model.denoise(sig_init * noise, se, class_labels)
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """Temporarily switch off parameter gradients (inputs still get gradients)."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SiDConfig:
+    """SiD hyper-parameters (THEORY §6 defaults; toy teachers want a larger lr)."""
+
+    alpha: float = 1.2
+    sig_init: float = 2.5
+    t_max_frac: float = 0.8
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    lr: float = 1e-5
+    lr_fake: Optional[float] = None  # None: same as lr
+    fake_steps: int = 1  # fake-score updates per generator update (SiD: 1; >1 lets f_psi track G faster)
+    normalize: bool = True  # SiD's per-sample weight 1/mean|x_g - fr| (off: plain L2 - alpha L1)
+    betas: tuple[float, float] = (0.0, 0.999)
+    batch: int = 256
+    iters: int = 1000
+    ema_halflife_kimg: float = 50.0
+    max_nan_fraction: float = 0.01
+    diverge_factor: float = 20.0
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    prefit: PrefitConfig = field(default_factory=PrefitConfig)
+
+    def validate(self) -> "SiDConfig":
+        """Raise ValueError on out-of-range settings."""
+        check_alpha(self.alpha)
+        for name in ("sig_init", "lr", "batch", "iters", "fake_steps", "sigma_min", "sigma_max", "rho", "checkpoint_every", "log_every"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SiD {name} must be > 0; got {getattr(self, name)}")
+        if not 0 < self.t_max_frac <= 1:
+            raise ValueError(f"SiD t_max_frac must lie in (0, 1]; got {self.t_max_frac}")
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"SiD needs sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be one of no, fp16, bf16; got {self.mixed_precision!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class _OneStep(nn.Module):
+    """G as a module whose forward is one-step generation (so DDP syncs its gradients)."""
+
+    def __init__(self, model: ScoreModel, sig_init: float):
+        super().__init__()
+        self.model, self.sig_init = model, sig_init
+
+    def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return generate(self.model, z, self.sig_init, labels)
+
+
+class _FakeLoss(nn.Module):
+    """The fake score's EDM loss as a module forward (so DDP syncs its gradients)."""
+
+    def __init__(self, model: ScoreModel, objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x0: torch.Tensor, draw: Draw, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.objective(self.model, x0, labels, draw=draw)
+
+
+class SiD:
+    """Teacher, fake score, generator and their optimizers; ``step()`` runs one SiD iteration."""
+
+    def __init__(self, teacher: Teacher, init: ScoreModel, cfg: SiDConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        from diffusion.ema import EMA
+
+        self.cfg = cfg.validate()
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+        dev = self.acc.device
+        self.teacher = teacher
+        teacher.model.to(dev)
+        top = teacher.model.schedule.sigma_edm_max
+        if cfg.sig_init > top:
+            raise ValueError(f"sig_init {cfg.sig_init} exceeds the teacher's largest noise level {top:.4g}")
+        self.sigma_max = min(cfg.sigma_max, top)
+        # G and f_psi both start as copies of the teacher's network (or of the oracle's pre-fit)
+        self.G = student_from_net(copy.deepcopy(init.net), init).to(dev).train().requires_grad_(True)
+        self.fake = student_from_net(copy.deepcopy(init.net), init).to(dev).train().requires_grad_(True)
+        self.ema = EMA(self.G.net, decay=ema_decay(cfg.batch, cfg.ema_halflife_kimg))
+        self.G_ema = student_from_net(self.ema.net, init).eval()
+        lr_f = cfg.lr_fake if cfg.lr_fake is not None else cfg.lr
+        opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        opt_f = torch.optim.Adam(self.fake.parameters(), lr=lr_f, betas=tuple(cfg.betas))
+        self.fake_objective = build_objective("edm", sigma_data=self.fake.sigma_data)
+        self.gen_mod, self.fake_mod, self.opt_g, self.opt_f = self.acc.prepare(
+            _OneStep(self.G, cfg.sig_init), _FakeLoss(self.fake, self.fake_objective), opt_g, opt_f)
+        # all randomness from one CPU generator per process: bit-exact resume, same draws on any device
+        self.rng = torch.Generator().manual_seed(cfg.seed * 1009 + self.acc.process_index)
+        self.nan = NonFiniteCounter(cfg.max_nan_fraction)
+        self.step_count = 0
+        self.reference_rms = self._reference_rms()
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.rng).to(self.acc.device)
+
+    def _labels(self, n: int) -> Optional[torch.Tensor]:
+        k = self.teacher.model.num_classes
+        return torch.randint(0, k, (n,), generator=self.rng).to(self.acc.device) if k else None
+
+    def _reference_rms(self) -> float:
+        if self.teacher.mixture is not None:
+            return float(self.teacher.mixture.sample(4096, torch.Generator().manual_seed(0)).pow(2).mean().sqrt())
+        return float(self.teacher.model.sigma_data)  # EDM's data-scale assumption for image teachers
+
+    def _generate(self, n: int, grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """n generator samples (non-finite ones counted, reported and left out of the losses)."""
+        z, labels = self._randn(n, *self.teacher.shape), self._labels(n)
+        with torch.set_grad_enabled(grad), self.acc.autocast():
+            x = self.gen_mod(z, labels).float()
+        ok = self.nan(x, f"iteration {self.step_count}")
+        if not ok.all():
+            x, labels = x[ok], (labels[ok] if labels is not None else None)
+        return x, labels
+
+    # ---- one iteration -----------------------------------------------------------------------
+    def fake_step(self) -> float:
+        """Update f_psi with the EDM denoising loss on detached generator samples."""
+        x, labels = self._generate(self.cfg.batch, grad=False)
+        draw = self.fake_objective.draw(x, self.fake.schedule, self.rng)
+        with self.acc.autocast():
+            loss = self.fake_mod(x, draw, labels).mean()
+        check_finite(loss, f"fake-score loss at iteration {self.step_count}")
+        self.opt_f.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        self.opt_f.step()
+        return float(loss.detach())
+
+    def generator_step(self) -> tuple[float, float]:
+        """Update G with the SiD loss; returns (loss, RMS of the generated batch)."""
+        cfg = self.cfg
+        x_g, labels = self._generate(cfg.batch, grad=True)
+        se = generator_sigmas(x_g.shape[0], self.rng, cfg.t_max_frac, cfg.sigma_min, self.sigma_max, cfg.rho).to(x_g.device)
+        x_t = x_g + expand(se, x_g) * self._randn(*x_g.shape)
+        with frozen(self.fake), self.acc.autocast():
+            fr = self.teacher.model.denoise(x_t, se, labels).float()
+            ff = self.fake.denoise(x_t, se, labels).float()
+        loss = sid_generator_loss(x_g, fr, ff, cfg.alpha, cfg.normalize).mean()
+        check_finite(loss, f"generator loss at iteration {self.step_count}")
+        self.opt_g.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        self.opt_g.step()
+        rms = check_scale(x_g, self.reference_rms, cfg.diverge_factor, f"at iteration {self.step_count}")
+        return float(loss.detach()), rms
+
+    def step(self) -> dict[str, float]:
+        """One SiD iteration: fake step(s), generator step, EMA update."""
+        lf = sum(self.fake_step() for _ in range(self.cfg.fake_steps)) / self.cfg.fake_steps
+        lg, rms = self.generator_step()
+        self.ema.update(self.G.net)
+        self.step_count += 1
+        return {"step": self.step_count, "loss_fake": lf, "loss_gen": lg, "x_rms": rms,
+                "nan_samples": self.nan.bad, "samples": self.nan.total}
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, ema: bool = True, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One-step samples from the (EMA) generator for unit Gaussian ``noise``."""
+        return generate(self.G_ema if ema else self.G, noise.to(self.acc.device), self.cfg.sig_init, class_labels)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _state_parts(self):
+        return ({"generator": self.G.net, "fake": self.fake.net, "ema": self.ema.net},
+                {"opt_g": self.opt_g, "opt_f": self.opt_f}, {"rng": self.rng})
+
+    def save(self, run: Path, keep_last: int = 2) -> Path:
+        """Write an exact-resume checkpoint (weights, optimizers, RNG, counters) under run/checkpoints."""
+        from diffusion.checkpoint import CHECKPOINTS, write_checkpoint
+
+        mods, opts, gens = self._state_parts()
+        meta = {"step": self.step_count, "nan": self.nan.state(), "ema_updates": self.ema.num_updates,
+                "teacher": self.teacher.spec, "teacher_fingerprint": self.teacher.fingerprint}
+
+        def write(folder: Path) -> None:
+            if self.acc.is_main_process:
+                write_training_state(folder, mods, opts, gens, meta)
+
+        return write_checkpoint(Path(run) / CHECKPOINTS, self.step_count, write, self.acc.is_main_process,
+                                self.acc.wait_for_everyone, keep_last)
+
+    def load(self, folder: Path) -> None:
+        """Restore a checkpoint written by ``save`` (the teacher must be the same)."""
+        meta = json.loads((Path(folder) / "state.json").read_text())
+        if meta["teacher_fingerprint"] != self.teacher.fingerprint:
+            raise ValueError(f"checkpoint {folder} was made with teacher {meta['teacher']!r} (fingerprint "
+                             f"{meta['teacher_fingerprint']}), not {self.teacher.spec!r} ({self.teacher.fingerprint})")
+        read_training_state(folder, *self._state_parts())
+        self.step_count = int(meta["step"])
+        self.nan.load(meta["nan"])
+        self.ema.num_updates = int(meta["ema_updates"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------------------
+
+GENERATOR_SECTIONS = ("kind", "generator", "sid")  # what a generator run adds to a trainer-style config
+NETWORK_SECTIONS = ("name", "data", "model", "schedule")  # the trainer-config sections that rebuild G
+
+
+def run_config(teacher: Teacher, student_cfg: Optional[DictConfig], cfg: SiDConfig) -> dict:
+    """config.yaml of a generator run: the network's trainer-style sections plus ``kind: generator``."""
+    from omegaconf import OmegaConf
+
+    if student_cfg is not None:  # only what rebuilds the network; the teacher's training sections do not apply
+        full = OmegaConf.to_container(student_cfg, resolve=True)
+        base = {k: full[k] for k in NETWORK_SECTIONS if k in full}
+    else:  # a pretrained diffusers teacher: G has its architecture
+        base = {"model": {"kind": "pretrained", "path": teacher.spec.split(":", 1)[1]}}
+    base["kind"] = "generator"
+    base["generator"] = {"method": "sid", "sig_init": cfg.sig_init, "nfe": 1, "shape": list(teacher.shape),
+                         "teacher": teacher.spec, "teacher_fingerprint": teacher.fingerprint}
+    base["sid"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    return base
+
+
+def load_generator(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[ScoreModel, DictConfig]:
+    """(G, cfg) from a generator run folder; sample with ``generate(G, noise, cfg.generator.sig_init)``."""
+    from omegaconf import OmegaConf
+
+    from diffusion.build import build_score_model
+    from diffusion.checkpoint import EMA_NAME, MODEL_NAME, load_weights
+    from diffusion.config import schema
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder: config.yaml is missing")
+    cfg = OmegaConf.load(run / "config.yaml")
+    if cfg.get("kind") != "generator":
+        raise ValueError(f"{run} is not a one-step generator run (kind={cfg.get('kind')!r}, expected 'generator'); "
+                         f"load diffusion runs with diffusion.checkpoint.load_run")
+    if cfg.model.get("kind") == "pretrained":
+        from diffusion.pretrained import load_pretrained
+
+        model, _ = load_pretrained(cfg.model.path, device=device)
+    else:
+        net_cfg = OmegaConf.merge(schema(), {k: v for k, v in cfg.items() if k not in GENERATOR_SECTIONS})
+        model = build_score_model(net_cfg)
+    load_weights(model.net, run / (EMA_NAME if ema else MODEL_NAME), device)
+    return model.to(device).eval().requires_grad_(False), cfg
+
+
+def save_outputs(run: Path, sid: SiD, history: list[dict]) -> None:
+    """model.safetensors, ema.safetensors, samples.png, loss.png (main process only)."""
+    from diffusion.checkpoint import EMA_NAME, MODEL_NAME, save_weights
+    from diffusion.previews import save_samples
+
+    if not sid.acc.is_main_process:
+        return
+    save_weights(sid.G.net, run / MODEL_NAME)
+    save_weights(sid.ema.net, run / EMA_NAME)
+    images = len(sid.teacher.shape) == 3
+    z = torch.randn(64 if images else 2000, *sid.teacher.shape, generator=torch.Generator().manual_seed(0))
+    x = sid.sample(z).float().cpu()
+    save_samples(x if images else x[:, :2], run / "samples.png", title=f"SiD one-step samples ({sid.teacher.spec})")
+    _plot_losses(run / "loss.png", history)
+
+
+def _plot_losses(path: Path, history: list[dict]) -> None:
+    """Fake-score and generator losses against the iteration (the generator loss may be negative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes, ("loss_fake", "loss_gen")):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _read_history(path: Path, upto: int) -> list[dict]:
+    """metrics.jsonl lines up to step ``upto`` (later lines came from a run that died after its checkpoint)."""
+    from diffusion.previews import read_metrics
+
+    return [r for r in read_metrics(path) if r.get("step", 0) <= upto]
+
+
+def _check_run_folder(run: Path, teacher: Teacher, resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from (or None); raises on a teacher mismatch or unrequested overwrite."""
+    from omegaconf import OmegaConf
+
+    ck = latest_checkpoint(run)
+    if (run / "config.yaml").is_file():
+        stored = OmegaConf.load(run / "config.yaml").get("generator") or {}
+        if stored.get("teacher_fingerprint") not in (None, teacher.fingerprint):
+            raise ValueError(f"run folder {run} was distilled from teacher {stored.get('teacher')!r} (fingerprint "
+                             f"{stored.get('teacher_fingerprint')}); refusing to continue it with {teacher.spec!r} "
+                             f"({teacher.fingerprint}). Use a new --out.")
+    if ck is not None and not resume:
+        raise ValueError(f"run folder {run} already has checkpoints (latest {ck.name}); pass --resume to continue it "
+                         f"or choose a new --out")
+    if resume and ck is None:
+        raise ValueError(f"--resume: run folder {run} has no checkpoint to resume from")
+    return ck
+
+
+def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfig(), resume: bool = False,
+              init: Optional[tuple[ScoreModel, Optional[DictConfig]]] = None, cache_dir: str | Path | None = "runs/.cache",
+              progress: bool = True, callback: Optional[Callable[[SiD, dict], None]] = None,
+              log: Callable[[str], None] = print) -> SiD:
+    """Run SiD into the run folder ``out`` (``resume=True`` continues from its last checkpoint).
+
+    ``init`` = (network to start G and f_psi from, its trainer-style config); default: the teacher
+    itself, or for the weightless oracle an MLP pre-fitted to it (cached under ``cache_dir``).
+    """
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    if isinstance(teacher, str):
+        teacher = load_teacher(teacher)
+    run = Path(out)
+    ck = _check_run_folder(run, teacher, resume)
+    if init is None:
+        init = (teacher.model, teacher.cfg) if teacher.has_weights else prefit(teacher, cfg.prefit, cache_dir, progress, log)
+    sid = SiD(teacher, init[0], cfg)
+    history: list[dict] = []
+    if ck is not None:
+        sid.load(ck)
+        history = _read_history(run / "metrics.jsonl", sid.step_count)
+        log(f"sid: resumed {run} at iteration {sid.step_count} from {ck}")
+    if sid.acc.is_main_process:
+        from diffusion.checkpoint import write_text_atomic
+
+        run.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_config(teacher, init[1], cfg))))
+        write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.iters, initial=sid.step_count, desc="sid", disable=not (progress and sid.acc.is_main_process))
+    while sid.step_count < cfg.iters:
+        row = sid.step()
+        bar.update(1)
+        if sid.step_count % cfg.log_every == 0 or sid.step_count == cfg.iters:
+            row.update(time_s=time.perf_counter() - t0, kimg=sid.step_count * cfg.batch / 1000)
+            if callback is not None:
+                callback(sid, row)
+            history.append(row)
+            if sid.acc.is_main_process:
+                with open(run / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss_gen=f"{row['loss_gen']:.3g}", loss_fake=f"{row['loss_fake']:.3g}", nan=row["nan_samples"])
+        if sid.step_count % cfg.checkpoint_every == 0 or sid.step_count == cfg.iters:
+            sid.save(run)
+    bar.close()
+    if sid.nan.bad:
+        log(f"sid: {sid.nan.bad} of {sid.nan.total} generator samples were non-finite and left out of the losses")
+    save_outputs(run, sid, history)
+    return sid
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line options of ``python -m distill sid``."""
+    d = SiDConfig()
+    p = argparse.ArgumentParser(prog="python -m distill sid", description="Score identity Distillation: a one-step generator.")
+    p.add_argument("--teacher", required=True, help="run folder, oracle:ring2d, oracle:mixture64d or pretrained:DIR")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="SiD alpha in (0, 1.5) (default 1.2)")
+    p.add_argument("--sig-init", type=float, default=d.sig_init)
+    p.add_argument("--iters", type=int, default=d.iters)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (default: --lr)")
+    p.add_argument("--fake-steps", type=int, default=d.fake_steps, help="fake-score updates per generator update")
+    p.add_argument("--beta1", type=float, default=d.betas[0])
+    p.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--max-nan-fraction", type=float, default=d.max_nan_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--prefit-steps", type=int, default=d.prefit.steps, help="oracle teachers: DSM steps of the pre-fit")
+    p.add_argument("--prefit-preset", default=d.prefit.preset, help="oracle teachers: MLP preset (tiny, small)")
+    p.add_argument("--cache-dir", default="runs/.cache", help="where oracle pre-fits are cached")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a shared CPU)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of ``python -m distill sid``."""
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = SiDConfig(alpha=a.alpha, sig_init=a.sig_init, iters=a.iters, batch=a.batch, lr=a.lr, lr_fake=a.lr_fake,
+                    fake_steps=a.fake_steps, betas=(a.beta1, 0.999), ema_halflife_kimg=a.ema_halflife_kimg,
+                    mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
+                    max_nan_fraction=a.max_nan_fraction, seed=a.seed,
+                    prefit=PrefitConfig(preset=a.prefit_preset, steps=a.prefit_steps))
+    train_sid(a.teacher, a.out, cfg, resume=a.resume, cache_dir=a.cache_dir, progress=not a.no_progress)
+    print(f"sid: wrote {a.out}: a one-step generator (kind: generator, sig_init {cfg.sig_init}); "
+          f"sample it with `python sample.py --run {a.out}`")
+    return 0
