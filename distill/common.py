@@ -142,6 +142,42 @@ def load_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
 
 
 # ---------------------------------------------------------------------------------------------
+# Run folders of distilled models
+# ---------------------------------------------------------------------------------------------
+
+#: what a distilled run adds to a trainer-style config.yaml
+DISTILL_SECTIONS = ("kind", "generator", "sid", "reflow")
+#: the trainer-config sections that rebuild a network
+NETWORK_SECTIONS = ("name", "data", "model", "schedule")
+
+
+def network_sections(cfg: dict) -> dict:
+    """Only what rebuilds the network (a teacher's training sections do not apply to its student)."""
+    return {k: cfg[k] for k in NETWORK_SECTIONS if k in cfg}
+
+
+def load_distilled(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[ScoreModel, DictConfig]:
+    """(ScoreModel, cfg) of a distilled run folder (``kind: generator`` or ``kind: reflow``)."""
+    from diffusion.checkpoint import EMA_NAME, MODEL_NAME, load_weights
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run folder: config.yaml is missing")
+    cfg = OmegaConf.load(run / "config.yaml")
+    if cfg.get("kind") not in ("generator", "reflow"):
+        raise ValueError(f"{run} is not a distilled run (kind={cfg.get('kind')!r}; expected 'generator' or 'reflow'); "
+                         f"load diffusion runs with diffusion.checkpoint.load_run")
+    if cfg.model.get("kind") == "pretrained":
+        from diffusion.pretrained import load_pretrained
+
+        model, _ = load_pretrained(cfg.model.path, device=device)
+    else:  # the trainer's builders, without its dataset-name validation (oracle data has no dataset)
+        model = build_score_model(OmegaConf.merge(schema(), network_sections(OmegaConf.to_container(cfg))))
+    load_weights(model.net, run / (EMA_NAME if ema else MODEL_NAME), device)
+    return model.to(device).eval().requires_grad_(False), cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # Pre-fit: a network for a teacher with no weights (the oracle)
 # ---------------------------------------------------------------------------------------------
 

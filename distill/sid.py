@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
 
 from .common import (NonFiniteCounter, PrefitConfig, Teacher, check_finite, check_scale, ema_decay, latest_checkpoint,
-                     load_teacher, prefit, read_training_state, student_from_net, write_training_state)
+                     load_distilled, load_teacher, network_sections, prefit, read_training_state, student_from_net,
+                     write_training_state)
 
 ALPHA_RANGE = (0.0, 1.5)  # open interval: 1.5 diverges (SiD paper), <= 0 is not a score divergence
 
@@ -80,7 +82,13 @@ def sid_generator_loss(x_g: torch.Tensor, fr: torch.Tensor, ff: torch.Tensor, al
 
 def generate(model: ScoreModel, noise: torch.Tensor, sig_init: float = 2.5,
              class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One-step sampling: x = G(sig_init * noise, sig_init) with unit Gaussian ``noise``."""
+    """One-step sampling: x = G(sig_init * noise, sig_init) with unit Gaussian ``noise``.
+
+    ``sig_init = inf`` (a flow-schedule model read at t=1, where x_1 = noise) is the x0 prediction there.
+    """
+    if math.isinf(sig_init):
+        s = model.schedule
+        return model(noise * s.sigma(s.t_max).to(noise.dtype), s.t_max, class_labels).x0
     se = torch.full((noise.shape[0],), float(sig_init), dtype=torch.float64, device=noise.device)
     return model.denoise(sig_init * noise, se, class_labels)
 
@@ -308,8 +316,6 @@ class SiD:
 # Run folders
 # ---------------------------------------------------------------------------------------------
 
-GENERATOR_SECTIONS = ("kind", "generator", "sid")  # what a generator run adds to a trainer-style config
-NETWORK_SECTIONS = ("name", "data", "model", "schedule")  # the trainer-config sections that rebuild G
 
 
 def run_config(teacher: Teacher, student_cfg: Optional[DictConfig], cfg: SiDConfig) -> dict:
@@ -318,7 +324,7 @@ def run_config(teacher: Teacher, student_cfg: Optional[DictConfig], cfg: SiDConf
 
     if student_cfg is not None:  # only what rebuilds the network; the teacher's training sections do not apply
         full = OmegaConf.to_container(student_cfg, resolve=True)
-        base = {k: full[k] for k in NETWORK_SECTIONS if k in full}
+        base = network_sections(full)
     else:  # a pretrained diffusers teacher: G has its architecture
         base = {"model": {"kind": "pretrained", "path": teacher.spec.split(":", 1)[1]}}
     base["kind"] = "generator"
@@ -330,28 +336,10 @@ def run_config(teacher: Teacher, student_cfg: Optional[DictConfig], cfg: SiDConf
 
 def load_generator(run_dir: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[ScoreModel, DictConfig]:
     """(G, cfg) from a generator run folder; sample with ``generate(G, noise, cfg.generator.sig_init)``."""
-    from omegaconf import OmegaConf
-
-    from diffusion.build import build_score_model
-    from diffusion.checkpoint import EMA_NAME, MODEL_NAME, load_weights
-    from diffusion.config import schema
-
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run folder: config.yaml is missing")
-    cfg = OmegaConf.load(run / "config.yaml")
-    if cfg.get("kind") != "generator":
-        raise ValueError(f"{run} is not a one-step generator run (kind={cfg.get('kind')!r}, expected 'generator'); "
-                         f"load diffusion runs with diffusion.checkpoint.load_run")
-    if cfg.model.get("kind") == "pretrained":
-        from diffusion.pretrained import load_pretrained
-
-        model, _ = load_pretrained(cfg.model.path, device=device)
-    else:
-        net_cfg = OmegaConf.merge(schema(), {k: v for k, v in cfg.items() if k not in GENERATOR_SECTIONS})
-        model = build_score_model(net_cfg)
-    load_weights(model.net, run / (EMA_NAME if ema else MODEL_NAME), device)
-    return model.to(device).eval().requires_grad_(False), cfg
+    model, cfg = load_distilled(run_dir, ema, device)
+    if cfg.kind != "generator":
+        raise ValueError(f"{run_dir} holds a {cfg.kind!r} run, not a one-step generator (kind: generator)")
+    return model, cfg
 
 
 def save_outputs(run: Path, sid: SiD, history: list[dict]) -> None:
