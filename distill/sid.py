@@ -184,10 +184,16 @@ class SiD:
 
     def __init__(self, teacher: Teacher, init: ScoreModel, cfg: SiDConfig, accelerator=None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
 
         from diffusion.ema import EMA
 
         self.cfg = cfg.validate()
+        if accelerator is None:
+            # accelerate keeps precision settings in process-wide singletons; clear them (not the
+            # distributed setup) so runs in one process may each choose their precision
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         dev = self.acc.device
         self.teacher = teacher
@@ -408,8 +414,11 @@ def _check_run_folder(run: Path, teacher: Teacher, resume: bool) -> Optional[Pat
 def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfig(), resume: bool = False,
               init: Optional[tuple[ScoreModel, Optional[DictConfig]]] = None, cache_dir: str | Path | None = "runs/.cache",
               progress: bool = True, callback: Optional[Callable[[SiD, dict], None]] = None,
-              log: Callable[[str], None] = print) -> SiD:
+              log: Callable[[str], None] = print, time_limit_s: Optional[float] = None) -> SiD:
     """Run SiD into the run folder ``out`` (``resume=True`` continues from its last checkpoint).
+
+    ``time_limit_s`` stops training early (a checkpoint and the outputs are still written, and the
+    log says how many iterations ran), so a demo or benchmark keeps its wall-clock budget.
 
     ``init`` = (network to start G and f_psi from, its trainer-style config); default: the teacher
     itself, or for the weightless oracle an MLP pre-fitted to it (cached under ``cache_dir``).
@@ -441,7 +450,8 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
     while sid.step_count < cfg.iters:
         row = sid.step()
         bar.update(1)
-        if sid.step_count % cfg.log_every == 0 or sid.step_count == cfg.iters:
+        out_of_time = time_limit_s is not None and time.perf_counter() - t0 > time_limit_s
+        if sid.step_count % cfg.log_every == 0 or sid.step_count == cfg.iters or out_of_time:
             row.update(time_s=time.perf_counter() - t0, kimg=sid.step_count * cfg.batch / 1000)
             if callback is not None:
                 callback(sid, row)
@@ -450,8 +460,11 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
                 with open(run / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss_gen=f"{row['loss_gen']:.3g}", loss_fake=f"{row['loss_fake']:.3g}", nan=row["nan_samples"])
-        if sid.step_count % cfg.checkpoint_every == 0 or sid.step_count == cfg.iters:
+        if sid.step_count % cfg.checkpoint_every == 0 or sid.step_count == cfg.iters or out_of_time:
             sid.save(run)
+        if out_of_time:
+            log(f"sid: time limit of {time_limit_s:.0f}s reached after {sid.step_count} of {cfg.iters} iterations")
+            break
     bar.close()
     if sid.nan.bad:
         log(f"sid: {sid.nan.bad} of {sid.nan.total} generator samples were non-finite and left out of the losses")
@@ -488,6 +501,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--prefit-steps", type=int, default=d.prefit.steps, help="oracle teachers: DSM steps of the pre-fit")
     p.add_argument("--prefit-preset", default=d.prefit.preset, help="oracle teachers: MLP preset (tiny, small)")
     p.add_argument("--cache-dir", default="runs/.cache", help="where oracle pre-fits are cached")
+    p.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -503,7 +517,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
                     max_nan_fraction=a.max_nan_fraction, seed=a.seed,
                     prefit=PrefitConfig(preset=a.prefit_preset, steps=a.prefit_steps))
-    train_sid(a.teacher, a.out, cfg, resume=a.resume, cache_dir=a.cache_dir, progress=not a.no_progress)
+    train_sid(a.teacher, a.out, cfg, resume=a.resume, cache_dir=a.cache_dir, progress=not a.no_progress,
+              time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min)
     print(f"sid: wrote {a.out}: a one-step generator (kind: generator, sig_init {cfg.sig_init}); "
           f"sample it with `python sample.py --run {a.out}`")
     return 0

@@ -305,3 +305,14 @@ def test_cli(ring, tmp_path, capsys):
     assert load_generator(out)[1].generator.teacher == "oracle:ring2d"
     with pytest.raises(ValueError, match="alpha must lie"):
         main(args[:4] + ["--alpha", "1.5"])
+
+
+def test_mixed_precision_bf16_and_time_limit(ring, tmp_path):
+    """bf16 autocast through accelerate runs and stays finite; a time limit stops early but still saves."""
+    teacher, init, _ = ring
+    logs = []
+    sid = train_sid(teacher, tmp_path / "bf16", quick_cfg(iters=1000, mixed_precision="bf16"), init=init, progress=False,
+                    log=logs.append, time_limit_s=0.0)
+    assert sid.step_count == 1 and any("time limit" in m for m in logs)
+    assert (tmp_path / "bf16" / "ema.safetensors").is_file() and (tmp_path / "bf16" / "checkpoints" / "step_0000001").is_dir()
+    assert all(torch.isfinite(p).all() for p in sid.G.parameters())
