@@ -155,6 +155,26 @@ def test_amed_training_reduces_error_to_teacher(ring):
     assert e_amed < 0.8 * e_mid
 
 
+def test_amed_uses_unet_bottleneck_features():
+    """With a U-Net the predictor reads the bottleneck feature captured during each step's first call."""
+    from diffusion.models import build_model
+    from diffusion.score_model import ScoreModel
+
+    torch.manual_seed(0)
+    net = build_model("unet", preset="tiny", resolution=8, in_channels=1).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    model = ScoreModel(net, by_name("cosine"), parametrization="eps")
+    assert amed_lib.feature_dim_of(model) == net.feature_dim > 0
+    grid = samplers.grids.make("polynomial", 2, model.schedule, se_last=0.5)
+    noise = grid_lib.training_noise(4, (1, 8, 8))
+    states = grid_lib.teacher_states(model, noise, grid, solver="heun", extra_nodes=1)
+    pred, hist = amed_lib.train_predictor(model, grid, states, afs=False, iters=2, batch=4)
+    assert pred.feature_dim == net.feature_dim and all(math.isfinite(h) for h in hist)
+    res = samplers.sample(model, noise, sampler="mvt", grid=grid, predictor=pred)
+    assert res.nfe == 4 and torch.isfinite(res.x).all()
+
+
 def test_amed_step_weights():
     w = amed_lib.step_weights([80.0, 1.0, 0.0], sigma_data=0.5)
     assert w == [pytest.approx(0.25 / 1.25), 1.0]
