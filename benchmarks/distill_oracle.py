@@ -1,0 +1,222 @@
+"""SiD one-step generators vs their teacher, the exact mixture oracle, sampled by the project's samplers.
+
+For the 2-D ring and the 64-D mixture (diffusion.oracle) this runs, in one process:
+
+* the teacher = exact oracle denoiser, sampled by ``samplers.sample`` at NFE 1, 5, 10, 35 (the
+  measured default sampler) and by Heun at 35 NFE (EDM's CIFAR-10 setting);
+* SiD (distill.sid, paper defaults: alpha 1.2, sig_init 2.5, t_max 0.8, per-sample weight, Adam
+  beta1 = 0) from an MLP pre-fitted to the oracle, for a fixed wall-clock budget, evaluating the EMA
+  generator along the way;
+
+and measures against fresh true data samples (same n for every row): sliced Wasserstein-2 (256
+projections), the mode-coverage error (total variation of mode shares), the fraction of samples
+beyond 4 std of every mode (chi^2 tail of the 1-D 4-std mass) and the worst per-mode spread
+|log(mean Mahalanobis^2 / D)|. A data-vs-data row gives the Monte-Carlo floor of each measure.
+
+Targets (issue 6): 2-D one-step SW <= teacher's at 35 NFE; 64-D one-step SW <= teacher's at 10 NFE;
+no divergence. Writes benchmarks/results/distill_oracle.{md,json,png}.
+
+    .venv/bin/python benchmarks/distill_oracle.py            # ~10 min on 1 CPU thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
+
+import samplers  # noqa: E402
+from benchmarks.common import RESULTS_DIR, Target, environment, markdown_table, write_json, write_markdown  # noqa: E402
+from distill.common import (DivergenceError, NonFiniteError, PrefitConfig, load_teacher, mode_stats,  # noqa: E402
+                            prefit, sliced_wasserstein)
+from distill.sid import SiD, SiDConfig  # noqa: E402
+
+NAME = "distill_oracle"
+
+SETTINGS = {
+    # hyper-parameters chosen by a short sweep (lr, preset, EMA half-life) under the paper's loss
+    "ring2d": dict(n=20000, prefit=PrefitConfig(preset="tiny", steps=800, batch=256), target_nfe=35,
+                   sid=SiDConfig(lr=1e-4, batch=256, ema_halflife_kimg=50.0), eval_every=100),
+    "mixture64d": dict(n=4000, prefit=PrefitConfig(preset="small", steps=1000, batch=256), target_nfe=10,
+                       sid=SiDConfig(lr=3e-4, batch=256, ema_halflife_kimg=50.0), eval_every=100),
+}
+TEACHER_NFE = (1, 5, 10, 35)
+
+
+def measures(x: torch.Tensor, data: torch.Tensor, mixture) -> dict:
+    """SW to the data sample plus the mode statistics."""
+    ms = mode_stats(x, mixture)
+    return {"sw": sliced_wasserstein(x, data), "coverage_error": ms["coverage_error"], "far_fraction": ms["far_fraction"],
+            "spread_worst_abs_log": ms["spread_worst_abs_log"], "modes_hit": ms["modes_hit"]}
+
+
+def teacher_rows(teacher, z: torch.Tensor, data: torch.Tensor) -> list[dict]:
+    """The exact oracle sampled by the default sampler at each NFE, and by Heun at 35."""
+    rows = []
+    for sampler, nfe in [(None, n) for n in TEACHER_NFE] + [("heun", 35)]:
+        t0 = time.perf_counter()
+        res = samplers.sample(teacher.model, z, sampler=sampler, nfe=nfe)
+        sec = time.perf_counter() - t0
+        rows.append({"method": f"teacher {res.sampler}", "nfe": res.nfe, "seconds": sec,
+                     **measures(res.x.float(), data, teacher.mixture)})
+        print(f"  teacher {res.sampler:6s} NFE {res.nfe:2d}: SW {rows[-1]['sw']:.4f} ({sec:.1f}s)", flush=True)
+    return rows
+
+
+def run_sid(teacher, spec: dict, z: torch.Tensor, data: torch.Tensor, budget_s: float) -> dict:
+    """Pre-fit, then SiD for ``budget_s`` seconds of training; the EMA generator is evaluated every few iterations."""
+    t0 = time.perf_counter()
+    init, _ = prefit(teacher, spec["prefit"], cache_dir=None, log=lambda m: None)
+    prefit_s = time.perf_counter() - t0
+    print(f"  pre-fit {spec['prefit'].steps} steps: {prefit_s:.0f}s", flush=True)
+    sid = SiD(teacher, init, spec["sid"])
+    curve, train_s, error = [], 0.0, None
+    with torch.no_grad():
+        curve.append({"iteration": 0, "train_seconds": 0.0, **measures(sid.sample(z).float(), data, teacher.mixture)})
+    try:
+        while train_s < budget_s:
+            t1 = time.perf_counter()
+            for _ in range(spec["eval_every"]):
+                sid.step()
+            train_s += time.perf_counter() - t1
+            with torch.no_grad():
+                curve.append({"iteration": sid.step_count, "train_seconds": train_s,
+                              **measures(sid.sample(z).float(), data, teacher.mixture)})
+            print(f"  sid it {sid.step_count:5d} {train_s:6.1f}s: SW {curve[-1]['sw']:.4f}", flush=True)
+    except (DivergenceError, NonFiniteError) as e:  # reported, never hidden
+        error = f"{type(e).__name__}: {e}"
+        print(f"  sid stopped: {error}", flush=True)
+    with torch.no_grad():
+        x = sid.sample(z).float()
+    return {"prefit_seconds": prefit_s, "train_seconds": train_s, "iterations": sid.step_count,
+            "kimg": sid.step_count * spec["sid"].batch / 1000, "nan_samples": sid.nan.bad, "samples_seen": sid.nan.total,
+            "error": error, "curve": curve, "final": {"method": "SiD one-step (EMA)", "nfe": 1, **measures(x, data, teacher.mixture)},
+            "x": x}
+
+
+def first_time_below(curve: list[dict], level: float) -> float | None:
+    """Training seconds until the EMA generator's SW first reached ``level`` (None: never)."""
+    for c in curve:
+        if c["sw"] <= level:
+            return c["train_seconds"]
+    return None
+
+
+def plot(path: Path, ring: dict, results: dict) -> None:
+    """Ring: data | teacher 35 NFE | SiD one-step; and SW against training time for both teachers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.4))
+    m = 4000
+    for ax, (title, x) in zip(axes[:3], [("data (ring2d)", ring["data"]), ("teacher: exact oracle, ipndm 35 NFE", ring["teacher35"]),
+                                         ("SiD one-step (1 NFE)", ring["onestep"])]):
+        ax.scatter(x[:m, 0], x[:m, 1], s=1.5, alpha=0.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(-1.5, 1.5)
+        ax.set_ylim(-1.5, 1.5)
+        ax.set_aspect("equal")
+    for ax, name in zip(axes[3:], ("ring2d", "mixture64d")):
+        r = results[name]
+        cur = r["sid"]["curve"]
+        ax.semilogy([c["train_seconds"] for c in cur], [c["sw"] for c in cur], label="SiD one-step (EMA)")
+        for row in r["teacher"]:
+            if row["method"].endswith("heun"):
+                continue
+            ax.axhline(row["sw"], ls="--", lw=0.8, color=f"C{1 + TEACHER_NFE.index(row['nfe'])}",
+                       label=f"teacher {row['nfe']} NFE")
+        ax.axhline(r["floor"]["sw"], color="k", lw=0.8, label="data vs data (floor)")
+        ax.set_xlabel("SiD training seconds (1 CPU thread)")
+        ax.set_ylabel("sliced W2 to data")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget-2d", type=float, default=130.0, help="SiD training seconds on the ring")
+    p.add_argument("--budget-64d", type=float, default=130.0, help="SiD training seconds on the 64-D mixture")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    results, ring_pics = {}, {}
+    for name, budget in (("ring2d", args.budget_2d), ("mixture64d", args.budget_64d)):
+        spec = SETTINGS[name]
+        print(f"== {name}", flush=True)
+        teacher = load_teacher(f"oracle:{name}")
+        n, d = spec["n"], teacher.shape[0]
+        data = teacher.sample_data(n, torch.Generator().manual_seed(100))
+        z = torch.randn(n, d, generator=torch.Generator().manual_seed(200))
+        floor = {"method": "data vs data (floor)", "nfe": 0,
+                 **measures(teacher.sample_data(n, torch.Generator().manual_seed(300)), data, teacher.mixture)}
+        rows = teacher_rows(teacher, z, data)
+        sid = run_sid(teacher, spec, z, data, budget)
+        target_row = next(r for r in rows if r["nfe"] == spec["target_nfe"] and not r["method"].endswith("heun"))
+        results[name] = {"n": n, "floor": floor, "teacher": rows, "sid": {k: v for k, v in sid.items() if k != "x"},
+                         "target_nfe": spec["target_nfe"], "target_sw": target_row["sw"],
+                         "time_to_target_s": first_time_below(sid["curve"], target_row["sw"]),
+                         "settings": {"prefit": asdict(spec["prefit"]), "sid": asdict(spec["sid"]), "budget_s": budget}}
+        if name == "ring2d":
+            ring_pics = {"data": data, "teacher35": samplers.sample(teacher.model, z, nfe=35).x.float(), "onestep": sid["x"]}
+    total = time.perf_counter() - t_start
+
+    targets = []
+    for name in results:
+        r = results[name]
+        targets.append(Target(f"{name}: one-step SW <= teacher SW at {r['target_nfe']} NFE", r["sid"]["final"]["sw"],
+                              r["target_sw"], "<=", f"floor {r['floor']['sw']:.4f}"))
+    targets.append(Target("runs without divergence (count of stopped runs)",
+                          float(sum(results[k]["sid"]["error"] is not None for k in results)), 0.0, "<="))
+    targets.append(Target("benchmark wall time (s)", total, 600.0, "<="))
+    for t in targets:
+        print(t.line())
+
+    lines = [f"# SiD one-step distillation vs the exact-oracle teacher\n",
+             f"Produced by `benchmarks/distill_oracle.py` in {total:.0f} s on this CPU ({args.threads} torch thread). "
+             "Every row is measured on the same n fresh data samples; the teacher rows use the same noise as SiD. "
+             "SW = sliced Wasserstein-2 (256 projections); coverage = total variation of mode shares; far = share of "
+             "samples beyond 4 std of every mode (chi^2 tail); spread = worst |log(per-mode mean Mahalanobis^2 / D)|.\n"]
+    for name, r in results.items():
+        s = r["sid"]
+        lines.append(f"## {name} (n = {r['n']})\n")
+        head = ["method", "NFE", "SW", "coverage err", "far frac", "spread |log|", "seconds"]
+        body = [[row["method"], row["nfe"], row["sw"], row["coverage_error"], row["far_fraction"],
+                 row["spread_worst_abs_log"], row.get("seconds", float("nan"))] for row in [r["floor"]] + r["teacher"]]
+        f = s["final"]
+        body.append([f["method"], 1, f["sw"], f["coverage_error"], f["far_fraction"], f["spread_worst_abs_log"],
+                     s["prefit_seconds"] + s["train_seconds"]])
+        lines.append(markdown_table(head, body) + "\n")
+        ttt = r["time_to_target_s"]
+        lines.append(f"SiD: pre-fit {s['prefit_seconds']:.0f} s, then {s['iterations']} iterations ({s['kimg']:.0f} kimg) in "
+                     f"{s['train_seconds']:.0f} s of training; non-finite samples {s['nan_samples']} of {s['samples_seen']}; "
+                     f"{'stopped: ' + s['error'] if s['error'] else 'no divergence'}. Time until the EMA generator first "
+                     f"reached the target SW {r['target_sw']:.4f}: {'not reached' if ttt is None else f'{ttt:.0f} s'}. "
+                     f"Best SW along the run: {min(c['sw'] for c in s['curve']):.4f}.\n")
+    lines.append("## Targets\n")
+    lines += [f"- {t.line()}" for t in targets]
+    lines.append("\n![data, teacher and one-step samples; SW against time](distill_oracle.png)\n")
+    write_markdown(NAME, "\n".join(lines))
+    write_json(NAME, {"results": results, "targets": [t.as_dict() for t in targets], "wall_seconds": total,
+                      "environment": environment()})
+    plot(RESULTS_DIR / f"{NAME}.png", ring_pics, results)
+    print(f"wrote {RESULTS_DIR / NAME}.{{md,json,png}} in {total:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
