@@ -48,12 +48,17 @@ def _plt():
 def _save_scatter(x: torch.Tensor, path: Path, title: str) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=4, alpha=0.6)
-    lim = max(1.5, float(x.abs().max()) * 1.05) if torch.isfinite(x).all() else 1.5
+    finite = torch.isfinite(x).all(1)
+    r = x[finite].abs().amax(1)
+    # frame the bulk (a few far outliers would shrink the picture to a dot) and say what is outside
+    lim = max(1.5, 1.1 * float(torch.quantile(r, 0.99))) if len(r) else 1.5
+    outside = int((~finite).sum() + (r > lim).sum())
+    ax.scatter(x[finite, 0].numpy(), x[finite, 1].numpy(), s=4, alpha=0.6)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
-    ax.set_title(title or f"{x.shape[0]} samples")
+    note = f"{x.shape[0]} samples" + (f", {outside} outside the frame or non-finite" if outside else "")
+    ax.set_title(f"{title}\n{note}" if title else note, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
