@@ -153,6 +153,41 @@ def write_vector_grid(x: np.ndarray, path: Path) -> None:
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def distilled_kind(run_dir: str) -> Optional[str]:
+    """'generator' or 'reflow' for run folders written by ``python -m distill``, else None."""
+    from omegaconf import OmegaConf
+
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        return None  # load_source raises the clear "not a run folder" error
+    kind = OmegaConf.load(cfg_path).get("kind")
+    return kind if kind in ("generator", "reflow") else None
+
+
+def load_distilled_run(run_dir: str, ema: bool, device) -> tuple:
+    """(model, checkpoint info, sig_init or None) of a distilled run; sig_init is set for one-step generators."""
+    from diffusion.checkpoint import EMA_NAME, MODEL_NAME
+    from diffusion.metrics import sha256_file
+    from distill.common import load_distilled
+
+    model, cfg = load_distilled(run_dir, ema=ema, device=device)
+    weights = Path(run_dir) / (EMA_NAME if ema else MODEL_NAME)
+    ckpt = {"kind": cfg.kind, "run": str(run_dir), "weights": str(weights), "sha256": sha256_file(weights), "ema": ema}
+    sig_init = float(cfg.generator.sig_init) if cfg.kind == "generator" else None
+    return model, ckpt, sig_init
+
+
+def generate_one_step(model, noise: torch.Tensor, sig_init: float, labels: Optional[torch.Tensor]):
+    """One network call per image, x = G(sig_init * noise, sig_init), as a SampleResult."""
+    from distill.sid import generate
+    from samplers.api import SampleResult
+
+    model.reset_nfe()
+    with torch.no_grad():
+        x = generate(model, noise, sig_init, labels)
+    return SampleResult(x=x, nfe=model.nfe, grid=torch.tensor([sig_init, 0.0], dtype=torch.float64), sampler="one_step")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Sample as the arguments say; returns the manifest (also written to OUT/samples.json)."""
     import samplers
@@ -182,7 +217,14 @@ def run(args: argparse.Namespace) -> dict:
 
     state = PartialState(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device else state.device
-    model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
+    one_step = None  # sig_init of a distilled one-step generator run
+    if args.run is not None and distilled_kind(args.run) is not None:
+        model, ckpt, one_step = load_distilled_run(args.run, ema=not args.no_ema, device=device)
+        if one_step is not None and (sampler is not None or args.nfe not in (None, 1)):
+            raise UsageError(f"{args.run} is a one-step generator: it samples with one network call; "
+                             f"drop --sampler/--nfe (got --sampler {sampler}, --nfe {args.nfe})")
+    else:
+        model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
     check_conditioning(model, args.class_label, args.cfg_scale)
     if args.cfg_scale is not None and args.cfg_scale != 1.0:
         model = model.with_guidance(args.cfg_scale)
@@ -205,8 +247,12 @@ def run(args: argparse.Namespace) -> dict:
             gens = samplers.noise.generators(args.seed, len(idx), offset=idx[0])
             noise = samplers.noise.randn((len(idx), *shape), gens).to(device=device, dtype=dtype)
             labels = image_labels(idx, model, args.class_label, args.cfg_scale)
-            res = samplers.sample(model, noise, sampler=sampler, nfe=args.nfe, generator=gens,
-                                  class_labels=None if labels is None else labels.to(device), **opts)
+            labels = None if labels is None else labels.to(device)
+            if one_step is not None:
+                res = generate_one_step(model, noise, one_step, labels)
+            else:
+                res = samplers.sample(model, noise, sampler=sampler, nfe=args.nfe, generator=gens,
+                                      class_labels=labels, **opts)
             bad = int((~torch.isfinite(res.x)).reshape(len(idx), -1).any(1).sum())
             if bad:
                 raise FloatingPointError(f"{bad} of {len(idx)} samples in images {idx[0]}..{idx[-1]} are not finite "
