@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .models.hooks import SkipScaler, SpatialMeanCapture
+from .models.hooks import UNet2DHooks
 from .schedules import DDPM
 from .score_model import ScoreModel
 
@@ -31,7 +31,7 @@ PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
-class DiffusersUNet(nn.Module):
+class DiffusersUNet(UNet2DHooks, nn.Module):
     """A diffusers ``UNet2DModel`` as a project net: ``net(x, c_noise, class_labels) -> x.shape``.
 
     ``c_noise`` is diffusers' timestep index (may be fractional). A learned-variance model
@@ -54,20 +54,7 @@ class DiffusersUNet(nn.Module):
         if cfg.class_embed_type is not None:
             raise ValueError(f"class_embed_type={cfg.class_embed_type!r} is not supported; only an embedding "
                              f"table (num_class_embeds) or no class conditioning")
-        self._mid = SpatialMeanCapture()
-        if unet.mid_block is not None:
-            unet.mid_block.register_forward_hook(self._mid)
-        self.feature_dim = int(cfg.block_out_channels[-1])
-        self.num_skips = 1 + sum(len(b.resnets) + (1 if getattr(b, "downsamplers", None) is not None else 0)
-                                 for b in unet.down_blocks)
-        consumed = [len(b.resnets) for b in unet.up_blocks]
-        if sum(consumed) != self.num_skips:
-            raise ValueError(f"decoder consumes {sum(consumed)} skips, encoder makes {self.num_skips}: unknown U-Net layout")
-        # up block j (deepest first) takes the trailing slice of the skips still unused
-        ends = [self.num_skips - sum(consumed[:j]) for j in range(len(consumed))]
-        self._skip_ranges = [(e - n, e) for e, n in zip(ends, consumed)]
-        self._skip_handles: list = []
-        self._skip_scales: Optional[list[float]] = None
+        self._setup_unet2d_hooks(unet)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the UNet at (fractional) diffusers timestep ``c_noise`` [B]."""
@@ -84,32 +71,8 @@ class DiffusersUNet(nn.Module):
         out = self.unet(x, c, class_labels=class_labels, return_dict=False)[0]
         return out[:, : self.img_channels] if self.learned_variance else out
 
-    # ---- Skip-Tuning (samplers.skip_tuning) ---------------------------------------------------
-    @property
-    def skip_scales(self) -> Optional[list[float]]:
-        """The active Skip-Tuning factors (None when none are active)."""
-        return None if self._skip_scales is None else list(self._skip_scales)
-
-    def set_skip_scales(self, scales: Optional[Sequence[float]]) -> None:
-        """Scale skip i by scales[i] before the decoder concat; None removes every hook."""
-        for h in self._skip_handles:
-            h.remove()
-        self._skip_handles, self._skip_scales = [], None
-        if scales is None:
-            return
-        scales = [float(s) for s in scales]
-        if len(scales) != self.num_skips or not all(math.isfinite(s) for s in scales):
-            raise ValueError(f"set_skip_scales needs {self.num_skips} finite factors; got {scales}")
-        self._skip_scales = scales
-        for block, (lo, hi) in zip(self.unet.up_blocks, self._skip_ranges):
-            if any(f != 1.0 for f in scales[lo:hi]):  # no hook where nothing changes: bit-exact at rho=1
-                self._skip_handles.append(block.register_forward_pre_hook(SkipScaler(scales[lo:hi]), with_kwargs=True))
-
-    def bottleneck_features(self) -> torch.Tensor:
-        """Spatial mean of the mid-block output of the latest forward, [B, feature_dim] (AMED)."""
-        if self._mid.value is None:
-            raise RuntimeError("bottleneck_features() needs a forward pass first (or the UNet has no mid block)")
-        return self._mid.value
+    def _unet2d(self) -> nn.Module:
+        return self.unet
 
 
 def schedule_from_scheduler(scheduler) -> DDPM:

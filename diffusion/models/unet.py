@@ -12,14 +12,13 @@ Two sampler-side hooks live here:
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from .hooks import SkipScaler, SpatialMeanCapture
+from .hooks import UNet2DHooks
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # ~2.8M parameters: CPU demos on 8x8 / 16x16 digits.
@@ -36,7 +35,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class UNet(nn.Module):
+class UNet(UNet2DHooks, nn.Module):
     """A class-conditional U-Net (diffusers ``UNet2DModel``) with Skip-Tuning and bottleneck hooks."""
 
     def __init__(self, resolution: int, in_channels: int = 1, out_channels: Optional[int] = None,
@@ -76,20 +75,7 @@ class UNet(nn.Module):
             # One extra row: index num_classes is the "null" label for classifier-free guidance.
             num_class_embeds=num_classes + 1 if num_classes > 0 else None,
         )
-        self.feature_dim = int(block_out_channels[-1])
-        self._mid_capture = SpatialMeanCapture()
-        self.net.mid_block.register_forward_hook(self._mid_capture)
-        # Skip i is element i of diffusers' down_block_res_samples: conv_in output, then every
-        # resnet / downsampler output of each down block, in order (input side first).
-        self.num_skips = 1 + sum(len(b.resnets) + (1 if b.downsamplers is not None else 0)
-                                 for b in self.net.down_blocks)
-        consumed = [len(b.resnets) for b in self.net.up_blocks]
-        assert sum(consumed) == self.num_skips, "decoder must consume every skip exactly once"
-        # Up block j (deepest first) takes the trailing slice of what is left: its global skip range.
-        ends = [self.num_skips - sum(consumed[:j]) for j in range(len(consumed))]
-        self._skip_ranges = [(e - n, e) for e, n in zip(ends, consumed)]
-        self._skip_handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._skip_scales: Optional[list[float]] = None
+        self._setup_unet2d_hooks(self.net)
 
     # ---- contract ---------------------------------------------------------------------------
 
@@ -105,39 +91,8 @@ class UNet(nn.Module):
         labels = _resolve_labels(class_labels, self.num_classes, x)
         return self.net(x, c, class_labels=labels, return_dict=False)[0]
 
-    # ---- Skip-Tuning ------------------------------------------------------------------------
-
-    @property
-    def skip_scales(self) -> Optional[list[float]]:
-        """The active Skip-Tuning factors (None when no scaling is active)."""
-        return None if self._skip_scales is None else list(self._skip_scales)
-
-    def set_skip_scales(self, scales: Optional[Sequence[float]]) -> None:
-        """Scale skip i by scales[i] before the decoder concat; None (or all 1.0) removes every hook."""
-        for h in self._skip_handles:
-            h.remove()
-        self._skip_handles, self._skip_scales = [], None
-        if scales is None:
-            return
-        scales = [float(s) for s in scales]
-        if len(scales) != self.num_skips:
-            raise ValueError(f"set_skip_scales got {len(scales)} factors, this U-Net has num_skips={self.num_skips}")
-        if not all(math.isfinite(s) for s in scales):
-            raise ValueError(f"skip scales must be finite, got {scales}")
-        self._skip_scales = scales
-        for block, (lo, hi) in zip(self.net.up_blocks, self._skip_ranges):
-            factors = scales[lo:hi]
-            # No hook at all where nothing changes: rho == 1 stays bit-exact by construction.
-            if any(f != 1.0 for f in factors):
-                self._skip_handles.append(block.register_forward_pre_hook(SkipScaler(factors), with_kwargs=True))
-
-    # ---- AMED feature -----------------------------------------------------------------------
-
-    def bottleneck_features(self) -> torch.Tensor:
-        """Spatial mean of the mid-block output from the latest forward, shape [B, feature_dim]."""
-        if self._mid_capture.value is None:
-            raise RuntimeError("bottleneck_features() needs a forward pass first")
-        return self._mid_capture.value
+    def _unet2d(self) -> nn.Module:
+        return self.net
 
 
 def build_unet(preset: str = "tiny", **overrides: Any) -> UNet:
