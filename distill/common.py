@@ -444,3 +444,12 @@ def mode_stats(x: torch.Tensor, mixture: oracle_lib.GaussianMixture, n_std: floa
     worst = max(abs(math.log(s)) for s in finite) if finite else float("nan")
     return {"coverage_error": coverage, "far_fraction": far, "far_threshold_chi2": thresh, "spread": spread,
             "spread_worst_abs_log": worst, "modes_hit": int((counts > 0).sum()), "n": int(x.shape[0])}
+
+
+def add_common_args(p, prefit: "PrefitConfig") -> None:
+    """CLI options every distiller shares: the oracle pre-fit, its cache, CPU threads, the progress bar."""
+    p.add_argument("--prefit-steps", type=int, default=prefit.steps, help="oracle teachers: DSM steps of the pre-fit")
+    p.add_argument("--prefit-preset", default=prefit.preset, help="oracle teachers: MLP preset (tiny, small)")
+    p.add_argument("--cache-dir", default="runs/.cache", help="where oracle pre-fits are cached")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a shared CPU)")
+    p.add_argument("--no-progress", action="store_true")

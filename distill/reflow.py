@@ -39,7 +39,7 @@ from diffusion.losses import Draw, build_objective
 from diffusion.schedules import by_name
 from diffusion.score_model import ScoreModel
 
-from .common import PrefitConfig, Teacher, check_finite, ema_decay, load_teacher, network_sections, prefit
+from .common import PrefitConfig, Teacher, add_common_args, check_finite, ema_decay, load_teacher, network_sections, prefit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,11 +423,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--one-step-iters", type=int, default=d.one_step_iters, help="> 0: also distil into one step")
     p.add_argument("--one-step-lr", type=float, default=d.one_step_lr)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--prefit-steps", type=int, default=d.prefit.steps, help="oracle teachers: DSM steps of the pre-fit")
-    p.add_argument("--prefit-preset", default=d.prefit.preset)
-    p.add_argument("--cache-dir", default="runs/.cache")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--no-progress", action="store_true")
+    add_common_args(p, d.prefit)
     return p.parse_args(argv)
 
 

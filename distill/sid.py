@@ -39,7 +39,7 @@ from diffusion.losses import Draw, build_objective
 from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
 
-from .common import (NonFiniteCounter, PrefitConfig, Teacher, check_finite, check_scale, ema_decay, latest_checkpoint,
+from .common import (NonFiniteCounter, PrefitConfig, add_common_args, Teacher, check_finite, check_scale, ema_decay, latest_checkpoint,
                      load_distilled, load_teacher, network_sections, prefit, read_training_state, student_from_net,
                      write_training_state)
 
@@ -498,12 +498,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-nan-fraction", type=float, default=d.max_nan_fraction)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--prefit-steps", type=int, default=d.prefit.steps, help="oracle teachers: DSM steps of the pre-fit")
-    p.add_argument("--prefit-preset", default=d.prefit.preset, help="oracle teachers: MLP preset (tiny, small)")
-    p.add_argument("--cache-dir", default="runs/.cache", help="where oracle pre-fits are cached")
     p.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a shared CPU)")
-    p.add_argument("--no-progress", action="store_true")
+    add_common_args(p, d.prefit)
     return p.parse_args(argv)
 
 
