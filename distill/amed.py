@@ -89,7 +89,11 @@ def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, af
     g = grid.tolist()
     if len(states) != len(g):
         raise ValueError(f"need one teacher state per grid level ({len(g)}); got {len(states)}")
-    pred = predictor if predictor is not None else AMEDPredictor(feature_dim=feature_dim_of(model))
+    if predictor is None:
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights: same seed, same predictor
+            torch.manual_seed(seed)
+            predictor = AMEDPredictor(feature_dim=feature_dim_of(model))
+    pred = predictor
     pred = pred.double() if states[0].dtype == torch.float64 else pred
     inputs = step_inputs(model, states, g, afs, pred)
     weights = step_weights(g, getattr(model, "sigma_data", 0.5))
