@@ -71,6 +71,15 @@ def afs_slope(y: torch.Tensor, se: float) -> torch.Tensor:
     return y / math.sqrt(1 + se * se)
 
 
+def denoise_and_slope(D, y: torch.Tensor, se: float, analytic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, slope (y - x0_hat)/se) from the network, or from the analytical first step (no call)."""
+    if analytic:
+        d = afs_slope(y, se)
+        return y - se * d, d
+    x0 = D(y, se)
+    return x0, (y - x0) / se
+
+
 def check_finite(y: torch.Tensor, i: int, se: float, se_next: float) -> None:
     """Raise NonFiniteError counting the NaN/inf values after step ``i`` (never drop samples silently)."""
     bad = ~torch.isfinite(y)

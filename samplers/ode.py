@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .core import afs_slope, denoiser, from_edm, report, steps, to_edm
+from .core import denoise_and_slope, denoiser, from_edm, report, steps, to_edm
 from .noise import GeneratorLike, randn_like
 from .registry import register
 
@@ -51,12 +51,7 @@ def euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
     for i in steps(sig, progress, "euler"):
         y, se = churn(y, sig[i], len(sig) - 1, s_churn, s_min, s_max, s_noise, generator,
                       model.schedule.sigma_edm_max)
-        if afs and i == 0:
-            d = afs_slope(y, se)
-            x0 = y - se * d
-        else:
-            x0 = D(y, se)
-            d = (y - x0) / se
+        x0, d = denoise_and_slope(D, y, se, afs and i == 0)
         y = x0 if sig[i + 1] == 0 else y + (sig[i + 1] - se) * d
         report(callback, i, sig, y, x0)
     return from_edm(model, y, sig[-1])
@@ -94,7 +89,7 @@ def dpmpp_2m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
     x0_prev = None
     for i in steps(sig, progress, "dpmpp_2m"):
         se, sn = sig[i], sig[i + 1]
-        x0 = y - se * afs_slope(y, se) if afs and i == 0 else D(y, se)
+        x0, _ = denoise_and_slope(D, y, se, afs and i == 0)
         if sn == 0:
             y = x0  # h = inf: the second-order correction is undefined, take the exact readout
         else:
@@ -122,12 +117,7 @@ def ipndm(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
     history: list[torch.Tensor] = []  # newest slope first
     for i in steps(sig, progress, "ipndm"):
         se, sn = sig[i], sig[i + 1]
-        if afs and i == 0:
-            d = afs_slope(y, se)
-            x0 = y - se * d
-        else:
-            x0 = D(y, se)
-            d = (y - x0) / se
+        x0, d = denoise_and_slope(D, y, se, afs and i == 0)
         history = [d, *history[: order - 1]]
         weights = AB_WEIGHTS[len(history)]
         d_hat = sum(w * h for w, h in zip(weights, history))
