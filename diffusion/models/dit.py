@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from torch import nn
 
+from .presets import from_preset
 from .unet import _batch_scalar, _resolve_labels
 
 DIT_PRESETS: dict[str, dict[str, Any]] = {
@@ -183,9 +184,4 @@ class DiT(nn.Module):
 
 def build_dit(preset: str = "tiny", **overrides: Any) -> DiT:
     """A DiT from a named preset ('tiny', 'S/2', 'B/2', 'L/2', 'XL/2'); keyword overrides win."""
-    if preset not in DIT_PRESETS:
-        raise ValueError(f"unknown DiT preset {preset!r}; valid: {list(DIT_PRESETS)}")
-    kwargs = {**DIT_PRESETS[preset], **overrides}
-    if "resolution" not in kwargs:
-        raise ValueError(f"build_dit({preset!r}) needs resolution=...")
-    return DiT(**kwargs)
+    return from_preset("DiT", DIT_PRESETS, DiT, preset, "resolution", overrides)

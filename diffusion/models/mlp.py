@@ -12,6 +12,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
+from .presets import from_preset
 from .unet import _resolve_labels
 
 MLP_PRESETS: dict[str, dict[str, Any]] = {
@@ -75,9 +76,4 @@ class MLP(nn.Module):
 
 def build_mlp(preset: str = "tiny", **overrides: Any) -> MLP:
     """An MLP from a named preset; keyword overrides (dim, num_classes, hidden...) win."""
-    if preset not in MLP_PRESETS:
-        raise ValueError(f"unknown MLP preset {preset!r}; valid: {sorted(MLP_PRESETS)}")
-    kwargs = {**MLP_PRESETS[preset], **overrides}
-    if "dim" not in kwargs:
-        raise ValueError(f"build_mlp({preset!r}) needs dim=...")
-    return MLP(**kwargs)
+    return from_preset("MLP", MLP_PRESETS, MLP, preset, "dim", overrides)

@@ -19,6 +19,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from .hooks import UNet2DHooks
+from .presets import from_preset
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # ~2.8M parameters: CPU demos on 8x8 / 16x16 digits.
@@ -97,12 +98,7 @@ class UNet(UNet2DHooks, nn.Module):
 
 def build_unet(preset: str = "tiny", **overrides: Any) -> UNet:
     """A U-Net from a named preset; keyword overrides (resolution, in_channels, num_classes...) win."""
-    if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown U-Net preset {preset!r}; valid: {sorted(UNET_PRESETS)}")
-    kwargs = {**UNET_PRESETS[preset], **overrides}
-    if "resolution" not in kwargs:
-        raise ValueError(f"build_unet({preset!r}) needs resolution=...")
-    return UNet(**kwargs)
+    return from_preset("U-Net", UNET_PRESETS, UNet, preset, "resolution", overrides)
 
 
 # ---- helpers shared with the DiT ----------------------------------------------------------------
