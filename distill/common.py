@@ -453,3 +453,10 @@ def add_common_args(p, prefit: "PrefitConfig") -> None:
     p.add_argument("--cache-dir", default="runs/.cache", help="where oracle pre-fits are cached")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def apply_common_args(a) -> "PrefitConfig":
+    """Set the requested torch threads and return the pre-fit configuration the common options describe."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return PrefitConfig(preset=a.prefit_preset, steps=a.prefit_steps)

@@ -39,7 +39,8 @@ from diffusion.losses import Draw, build_objective
 from diffusion.schedules import by_name
 from diffusion.score_model import ScoreModel
 
-from .common import PrefitConfig, Teacher, add_common_args, check_finite, ema_decay, load_teacher, network_sections, prefit
+from .common import (PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite, ema_decay, load_teacher,
+                     network_sections, prefit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +431,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m distill reflow``."""
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    prefit_cfg = apply_common_args(a)
     cfg = ReflowConfig(pairs=a.pairs, val_pairs=a.val_pairs, chunk=a.chunk, rtol=a.rtol, atol=a.atol, iters=a.iters,
                        batch=a.batch, lr=a.lr, one_step_iters=a.one_step_iters, one_step_lr=a.one_step_lr, seed=a.seed,
-                       prefit=PrefitConfig(preset=a.prefit_preset, steps=a.prefit_steps))
+                       prefit=prefit_cfg)
     res = reflow(a.teacher, a.out, cfg, cache_dir=a.cache_dir, progress=not a.no_progress)
     print(json.dumps({k: v for k, v in res.stats.items()}, indent=1))
     return 0

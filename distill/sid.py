@@ -39,9 +39,9 @@ from diffusion.losses import Draw, build_objective
 from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
 
-from .common import (NonFiniteCounter, PrefitConfig, add_common_args, Teacher, check_finite, check_scale, ema_decay, latest_checkpoint,
-                     load_distilled, load_teacher, network_sections, prefit, read_training_state, student_from_net,
-                     write_training_state)
+from .common import (NonFiniteCounter, PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite,
+                     check_scale, ema_decay, latest_checkpoint, load_distilled, load_teacher, network_sections,
+                     prefit, read_training_state, student_from_net, write_training_state)
 
 ALPHA_RANGE = (0.0, 1.5)  # open interval: 1.5 diverges (SiD paper), <= 0 is not a score divergence
 
@@ -506,13 +506,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m distill sid``."""
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    prefit_cfg = apply_common_args(a)
     cfg = SiDConfig(alpha=a.alpha, sig_init=a.sig_init, iters=a.iters, batch=a.batch, lr=a.lr, lr_fake=a.lr_fake,
                     fake_steps=a.fake_steps, betas=(a.beta1, 0.999), ema_halflife_kimg=a.ema_halflife_kimg,
                     mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
                     max_nan_fraction=a.max_nan_fraction, seed=a.seed,
-                    prefit=PrefitConfig(preset=a.prefit_preset, steps=a.prefit_steps))
+                    prefit=prefit_cfg)
     train_sid(a.teacher, a.out, cfg, resume=a.resume, cache_dir=a.cache_dir, progress=not a.no_progress,
               time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min)
     print(f"sid: wrote {a.out}: a one-step generator (kind: generator, sig_init {cfg.sig_init}); "
