@@ -6,7 +6,7 @@ schedule, RNGs), our own state in safetensors/JSON (EMA, step, the per-process n
 the global torch RNG) and the data position, which is a pure function of the step because the
 data order is a deterministic stream (diffusion/data_stream.py). Custom state is written by us
 rather than through ``accelerator.register_for_checkpointing`` because accelerate unpickles
-registered objects with ``torch.load(weights_only=False)``, and this project never unpickles.
+registered objects by unpickling them (weights_only off), and this project never unpickles.
 """
 
 from __future__ import annotations
