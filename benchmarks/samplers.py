@@ -58,6 +58,7 @@ from diffusion import oracle as oracle_lib  # noqa: E402
 from diffusion.schedules import by_name  # noqa: E402
 from distill import amed as amed_lib  # noqa: E402
 from distill import grid as grid_lib  # noqa: E402
+from distill.common import Teacher, oracle_teacher  # noqa: E402
 
 NAME = "samplers"
 EVAL_SEED = 0  # evaluation noise of image i: per-image seed EVAL_SEED + i
@@ -252,7 +253,7 @@ def _settings_key(d: dict) -> str:
     return hashlib.sha1(repr(sorted(d.items())).encode()).hexdigest()[:12]
 
 
-def learned_grid(case: str, teacher: grid_lib.Teacher, nfe: int, retrain: bool, log: Callable[[str], None]) -> grid_lib.GridFit:
+def learned_grid(case: str, teacher: Teacher, nfe: int, retrain: bool, log: Callable[[str], None]) -> grid_lib.GridFit:
     """The default solver's grid for ``nfe``, fitted on training noises (cached)."""
     s = GRID_SETTINGS
     key = _settings_key({**s, "nfe": nfe, "seed": grid_lib.TRAIN_SEED, "options": repr(s["options"])})
@@ -270,7 +271,7 @@ def learned_grid(case: str, teacher: grid_lib.Teacher, nfe: int, retrain: bool, 
     return fit
 
 
-def learned_amed(case: str, teacher: grid_lib.Teacher, retrain: bool, log: Callable[[str], None]) -> Path:
+def learned_amed(case: str, teacher: Teacher, retrain: bool, log: Callable[[str], None]) -> Path:
     """mvt predictor (+ its learned nodes) for AMED_SETTINGS['nfe'], trained on training noises (cached)."""
     s = AMED_SETTINGS
     key = _settings_key({**s, "seed": grid_lib.TRAIN_SEED})
@@ -316,7 +317,7 @@ def evaluate_case(case: str, n: int, nfes: tuple[int, ...], retrain: bool, learn
     info["seconds_ours"] = round(tm.s, 1)
     if learned:
         grid_lib.check_disjoint_seeds(grid_lib.TRAIN_SEED, n_training_noises(), EVAL_SEED, n)
-        teacher = grid_lib.Teacher(model, (mix.dim,), f"oracle:{case}", mix)
+        teacher = oracle_teacher(mix, f"oracle:{case}", "ddpm")  # the same DDPM-schedule oracle as `model`
         with Timer() as tm:
             for nfe in [v for v in LEARNED_NFES if v in nfes]:
                 fit = learned_grid(case, teacher, nfe, retrain, log)

@@ -3,8 +3,9 @@ training-state files (safetensors + JSON, never pickles) and the sliced-Wasserst
 
 A teacher is named by a string:
 
-* ``oracle:ring2d`` / ``oracle:mixture64d``: the exact mixture denoiser (diffusion.oracle) under the
-  EDM schedule. It has no weights, so students start from an MLP fitted to it (``prefit``).
+* ``oracle:ring2d`` / ``oracle:mixture64d``: the exact mixture denoiser (diffusion.oracle), under the
+  EDM schedule for every distiller (``oracle_schedule`` picks another). It has no weights, so SiD and
+  reflow students start from an MLP fitted to it (``prefit``).
 * ``pretrained:DIR``: a local diffusers pipeline folder (diffusion.pretrained.load_pretrained).
 * anything else: a run folder written by the trainer (diffusion.checkpoint.load_run).
 
@@ -59,6 +60,11 @@ class Teacher:
         """False for the oracle: students then start from a pre-fitted network."""
         return any(True for _ in self.model.parameters())
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """float64 for the exact oracle (it computes in float64), float32 for networks."""
+        return torch.float64 if self.mixture is not None else torch.float32
+
     def sample_data(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Exact data samples (oracle teachers only), float32, shaped like the teacher's data."""
         if self.mixture is None:
@@ -92,14 +98,21 @@ def oracle_student_config(teacher_spec: str, dim: int, preset: str = "small", **
         "schedule": {"name": "edm"}, "objective": {"name": "edm"}})
 
 
-def _oracle_teacher(name: str) -> Teacher:
+def oracle_teacher(mix: oracle_lib.GaussianMixture, spec: str, schedule: str = "edm") -> Teacher:
+    """The exact denoiser of a Gaussian mixture under a named schedule, as a teacher."""
+    model = oracle_lib.oracle_model(mix, by_name(schedule))
+    # the schedule is part of the identity: the same law on another time axis is another model
+    extra = spec if schedule == "edm" else f"{spec}@{schedule}"
+    fp = fingerprint_tensors({"means": mix.means, "covs": mix.covs, "weights": mix.weights}, extra)
+    return Teacher(freeze(model), spec, fp, (mix.dim,), mixture=mix)
+
+
+def _oracle_teacher(name: str, schedule: str) -> Teacher:
     try:
         mix = oracle_lib.preset(name)
     except ValueError as e:
         raise TeacherError(f"cannot load teacher 'oracle:{name}': {e}") from None
-    model = oracle_lib.oracle_model(mix, by_name("edm"))
-    fp = fingerprint_tensors({"means": mix.means, "covs": mix.covs, "weights": mix.weights}, f"oracle:{name}")
-    return Teacher(freeze(model), f"oracle:{name}", fp, (mix.dim,), mixture=mix)
+    return oracle_teacher(mix, f"oracle:{name}", schedule)
 
 
 def _run_teacher(path: str, device) -> Teacher:
@@ -130,12 +143,12 @@ def _pretrained_teacher(path: str, device) -> Teacher:
     return Teacher(freeze(model), f"pretrained:{path}", info["sha256"][:32], tuple(sample_shape(model)))
 
 
-def load_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
-    """Load a frozen teacher from 'oracle:NAME', 'pretrained:DIR' or a run folder."""
+def load_teacher(spec: str, device: str | torch.device = "cpu", oracle_schedule: str = "edm") -> Teacher:
+    """Load a frozen teacher from 'oracle:NAME' (on ``oracle_schedule``), 'pretrained:DIR' or a run folder."""
     if not isinstance(spec, str) or not spec:
         raise TeacherError(f"teacher must be a non-empty string (run folder, 'oracle:NAME' or 'pretrained:DIR'); got {spec!r}")
     if spec.startswith("oracle:"):
-        return _oracle_teacher(spec.split(":", 1)[1])
+        return _oracle_teacher(spec.split(":", 1)[1], oracle_schedule)
     if spec.startswith("pretrained:"):
         return _pretrained_teacher(spec.split(":", 1)[1], device)
     return _run_teacher(spec, device)

@@ -16,8 +16,9 @@ The learned grid is saved as JSON (levels + sampler + options) and used through 
     lg = load_grid("grid.json")
     samplers.sample(model, noise, sampler=lg.sampler, grid=lg.grid, **lg.options)
 
-Shared with ``distill amed``: teacher loading (``oracle:NAME`` on the DDPM schedule or a run
-folder), per-image training noises (seeds ``seed + i``) and the teacher solve.
+Shared with ``distill amed``: per-image training noises (seeds ``seed + i``) and the teacher solve;
+teachers are loaded by ``distill.common.load_teacher`` as for every distiller (``oracle:NAME`` on the
+EDM schedule, ``pretrained:DIR`` or a run folder).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 import samplers
-from diffusion import oracle as oracle_lib
-from diffusion.schedules import by_name
 from samplers.noise import generators, randn
+
+from .common import Teacher, load_teacher
 
 #: Default first per-image seed of training noises (image i uses TRAIN_SEED + i). Benchmarks draw
 #: their evaluation noises from a disjoint seed range and check it with ``check_disjoint_seeds``.
@@ -50,47 +51,8 @@ TEACHER_SOLVERS = ("adaptive", "heun")
 
 
 # ---------------------------------------------------------------------------------------------
-# Teachers and training noises (shared with distill.amed)
+# Training noises (shared with distill.amed)
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Teacher:
-    """A frozen score model, the shape of one sample, and the exact data law when it is an oracle."""
-
-    model: Any
-    shape: tuple[int, ...]
-    spec: str
-    mixture: Optional[oracle_lib.GaussianMixture] = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """float64 for the exact oracle (it computes in float64), float32 for networks."""
-        return torch.float64 if self.mixture is not None else torch.float32
-
-
-def load_teacher(spec: str, device: str | torch.device = "cpu") -> Teacher:
-    """``oracle:ring2d`` / ``oracle:mixture64d`` (exact, DDPM schedule) or a trained run folder."""
-    if spec.startswith("oracle:"):
-        name = spec.split(":", 1)[1]
-        if name not in oracle_lib.PRESETS:
-            raise ValueError(f"unknown oracle teacher {spec!r}; valid: {['oracle:' + k for k in sorted(oracle_lib.PRESETS)]} "
-                             f"or a run folder")
-        mix = oracle_lib.preset(name)
-        return Teacher(oracle_lib.oracle_model(mix, by_name("ddpm")), (mix.dim,), spec, mix)
-    run = Path(spec)
-    if not run.is_dir():
-        raise ValueError(f"teacher {spec!r} is neither 'oracle:NAME' (NAME in {sorted(oracle_lib.PRESETS)}) "
-                         f"nor an existing run folder")
-    from diffusion.checkpoint import load_run  # the trainer's module; imported only for run teachers
-
-    model, cfg = load_run(run, ema=True, device=device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    shape = cfg.model.get("input_shape") if hasattr(cfg, "model") else None
-    if not shape:
-        raise ValueError(f"run {run} has no model.input_shape in its config.yaml; cannot tell the sample shape")
-    return Teacher(model.eval(), tuple(int(s) for s in shape), str(run))
 
 
 def training_noise(n: int, shape: Sequence[int], seed: int = TRAIN_SEED, dtype: torch.dtype = torch.float32,

@@ -15,17 +15,17 @@ from diffusion.schedules import by_name
 from distill import __main__ as distill_cli
 from distill import amed as amed_lib
 from distill import grid as grid_lib
+from distill.common import Teacher, load_teacher, oracle_teacher
 
 
 @pytest.fixture(scope="module")
 def ring():
-    """The exact ring2d oracle on the DDPM schedule, as `--teacher oracle:ring2d` loads it."""
-    return grid_lib.load_teacher("oracle:ring2d")
+    """The exact ring2d oracle on the DDPM schedule (the samplers benchmark's, next to diffusers' schedulers)."""
+    return load_teacher("oracle:ring2d", oracle_schedule="ddpm")
 
 
-def gaussian_teacher(mu: float = 0.3, std: float = 0.5) -> grid_lib.Teacher:
-    mix = oracle_lib.gaussian([mu, -mu], std)
-    return grid_lib.Teacher(oracle_lib.oracle_model(mix, by_name("ddpm")), (2,), "gaussian", mix)
+def gaussian_teacher(mu: float = 0.3, std: float = 0.5) -> Teacher:
+    return oracle_teacher(oracle_lib.gaussian([mu, -mu], std), "gaussian", "ddpm")
 
 
 def exact_flow(y0: torch.Tensor, se0: float, se: float, mu: torch.Tensor, std: float) -> torch.Tensor:
@@ -125,10 +125,10 @@ def test_grid_bad_inputs(ring, tmp_path):
     (tmp_path / "x.json").write_text('{"format": "something-else", "grid": [1, 0]}')
     with pytest.raises(ValueError, match="not a learned-grid file"):
         grid_lib.load_grid(tmp_path / "x.json")
-    with pytest.raises(ValueError, match="oracle:mixture64d"):
-        grid_lib.load_teacher("oracle:nope")
+    with pytest.raises(ValueError, match="unknown oracle preset 'nope'"):
+        load_teacher("oracle:nope")
     with pytest.raises(ValueError, match="run folder"):
-        grid_lib.load_teacher(str(tmp_path / "missing_run"))
+        load_teacher(str(tmp_path / "missing_run"))
     with pytest.raises(ValueError, match="valid: \\['adaptive', 'heun'\\]"):
         grid_lib.teacher_states(ring.model, noise, g, solver="rk4")
 
