@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -254,7 +255,10 @@ def prefit(teacher: Teacher, cfg: PrefitConfig = PrefitConfig(), cache_dir: str 
         sched.step()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(path))
+        # write-then-rename: processes of one `accelerate launch` fit the same net and may save it at once
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
         log(f"prefit: fitted {cfg.steps} steps, cached at {path}")
     return model, net_cfg
 
@@ -278,18 +282,24 @@ class NonFiniteError(RuntimeError):
 class NonFiniteCounter:
     """Counts samples with any NaN/Inf; raises once their share exceeds ``max_fraction`` of all samples."""
 
-    def __init__(self, max_fraction: float = 0.01, what: str = "generator samples"):
+    def __init__(self, max_fraction: float = 0.01, what: str = "generator samples",
+                 reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         if not 0 <= max_fraction < 1:
             raise ValueError(f"max_fraction must lie in [0, 1); got {max_fraction}")
         self.max_fraction, self.what = float(max_fraction), what
+        # reduce = a cross-process sum: every process then holds the global counts and all of them
+        # stop together (one process raising alone would leave the others waiting in a collective)
+        self.reduce = reduce
         self.bad, self.total = 0, 0
 
     def __call__(self, x: torch.Tensor, where: str = "") -> torch.Tensor:
         """Count the non-finite rows of ``x`` and return the mask of finite rows (raises past the threshold)."""
         finite = torch.isfinite(x.detach()).flatten(1).all(1)
-        n_bad = int((~finite).sum())
-        self.bad += n_bad
-        self.total += x.shape[0]
+        counts = torch.tensor([int((~finite).sum()), x.shape[0]], dtype=torch.int64, device=x.device)
+        if self.reduce is not None:
+            counts = self.reduce(counts)
+        self.bad += int(counts[0])
+        self.total += int(counts[1])
         if self.bad > self.max_fraction * self.total:
             raise NonFiniteError(
                 f"{self.bad} of {self.total} {self.what} were non-finite ({self.bad / self.total:.2%}), above the "
@@ -316,9 +326,9 @@ class DivergenceError(RuntimeError):
     """The generator's samples ran away (RMS far above the data's): the run is stopped."""
 
 
-def check_scale(x: torch.Tensor, reference_rms: float, factor: float, where: str) -> float:
-    """RMS of x; raise DivergenceError if it exceeds ``factor`` x the reference RMS."""
-    rms = float(x.detach().float().pow(2).mean().sqrt())
+def check_scale(x: torch.Tensor | float, reference_rms: float, factor: float, where: str) -> float:
+    """RMS of x (or x itself when it is already an RMS); raise DivergenceError above ``factor`` x the reference."""
+    rms = float(x.detach().float().pow(2).mean().sqrt()) if torch.is_tensor(x) else float(x)
     if not math.isfinite(rms) or rms > factor * reference_rms:
         raise DivergenceError(f"generator sample RMS {rms:.4g} exceeds {factor:g} x the reference RMS "
                               f"{reference_rms:.4g} {where}: the run diverged (lower the learning rate or alpha)")

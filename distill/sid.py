@@ -196,6 +196,10 @@ class SiD:
             GradientState._reset_state()
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         dev = self.acc.device
+        world = self.acc.num_processes
+        if cfg.batch % world:
+            raise ValueError(f"SiD batch {cfg.batch} (the global batch) must be divisible by the {world} processes")
+        self.local_batch = cfg.batch // world
         self.teacher = teacher
         teacher.model.to(dev)
         top = teacher.model.schedule.sigma_edm_max
@@ -215,11 +219,18 @@ class SiD:
             _OneStep(self.G, cfg.sig_init), _FakeLoss(self.fake, self.fake_objective), opt_g, opt_f)
         # all randomness from one CPU generator per process: bit-exact resume, same draws on any device
         self.rng = torch.Generator().manual_seed(cfg.seed * 1009 + self.acc.process_index)
-        self.nan = NonFiniteCounter(cfg.max_nan_fraction)
+        self.nan = NonFiniteCounter(cfg.max_nan_fraction, reduce=self._all_sum if world > 1 else None)
         self.step_count = 0
         self.reference_rms = self._reference_rms()
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(t, "sum")
+
+    def _all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean over processes, so that every process takes the same stop decision (NaN spreads to all)."""
+        return self.acc.reduce(t.detach().float().clone(), "mean") if self.acc.num_processes > 1 else t.detach()
+
     def _randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.rng).to(self.acc.device)
 
@@ -245,32 +256,35 @@ class SiD:
     # ---- one iteration -----------------------------------------------------------------------
     def fake_step(self) -> float:
         """Update f_psi with the EDM denoising loss on detached generator samples."""
-        x, labels = self._generate(self.cfg.batch, grad=False)
+        x, labels = self._generate(self.local_batch, grad=False)
         draw = self.fake_objective.draw(x, self.fake.schedule, self.rng)
         with self.acc.autocast():
             loss = self.fake_mod(x, draw, labels).mean()
-        check_finite(loss, f"fake-score loss at iteration {self.step_count}")
+        loss_all = self._all_mean(loss)
+        check_finite(loss_all, f"fake-score loss at iteration {self.step_count}")
         self.opt_f.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         self.opt_f.step()
-        return float(loss.detach())
+        return float(loss_all)
 
     def generator_step(self) -> tuple[float, float]:
         """Update G with the SiD loss; returns (loss, RMS of the generated batch)."""
         cfg = self.cfg
-        x_g, labels = self._generate(cfg.batch, grad=True)
+        x_g, labels = self._generate(self.local_batch, grad=True)
         se = generator_sigmas(x_g.shape[0], self.rng, cfg.t_max_frac, cfg.sigma_min, self.sigma_max, cfg.rho).to(x_g.device)
         x_t = x_g + expand(se, x_g) * self._randn(*x_g.shape)
         with frozen(self.fake), self.acc.autocast():
             fr = self.teacher.model.denoise(x_t, se, labels).float()
             ff = self.fake.denoise(x_t, se, labels).float()
         loss = sid_generator_loss(x_g, fr, ff, cfg.alpha, cfg.normalize).mean()
-        check_finite(loss, f"generator loss at iteration {self.step_count}")
+        # loss and mean square over all processes: they all stop on the same iteration
+        stats = self._all_mean(torch.stack([loss.detach(), x_g.detach().float().pow(2).mean()]))
+        check_finite(stats[0], f"generator loss at iteration {self.step_count}")
         self.opt_g.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         self.opt_g.step()
-        rms = check_scale(x_g, self.reference_rms, cfg.diverge_factor, f"at iteration {self.step_count}")
-        return float(loss.detach()), rms
+        rms = check_scale(float(stats[1].sqrt()), self.reference_rms, cfg.diverge_factor, f"at iteration {self.step_count}")
+        return float(stats[0]), rms
 
     def step(self) -> dict[str, float]:
         """One SiD iteration: fake step(s), generator step, EMA update."""
@@ -279,7 +293,7 @@ class SiD:
         self.ema.update(self.G.net)
         self.step_count += 1
         return {"step": self.step_count, "loss_fake": lf, "loss_gen": lg, "x_rms": rms,
-                "nan_samples": self.nan.bad, "samples": self.nan.total}
+                "nan_samples": self.nan.bad, "samples": self.nan.total, "world_size": self.acc.num_processes}
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, ema: bool = True, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -289,17 +303,24 @@ class SiD:
     # ---- checkpoints -------------------------------------------------------------------------
     def _state_parts(self):
         return ({"generator": self.G.net, "fake": self.fake.net, "ema": self.ema.net},
-                {"opt_g": self.opt_g, "opt_f": self.opt_f}, {"rng": self.rng})
+                {"opt_g": self.opt_g, "opt_f": self.opt_f}, {})
+
+    def _rng_file(self, folder: Path) -> Path:
+        return Path(folder) / f"rng_state_{self.acc.process_index}.safetensors"  # one noise stream per process
 
     def save(self, run: Path, keep_last: int = 2) -> Path:
         """Write an exact-resume checkpoint (weights, optimizers, RNG, counters) under run/checkpoints."""
+        from safetensors.torch import save_file
+
         from diffusion.checkpoint import CHECKPOINTS, write_checkpoint
 
         mods, opts, gens = self._state_parts()
         meta = {"step": self.step_count, "nan": self.nan.state(), "ema_updates": self.ema.num_updates,
-                "teacher": self.teacher.spec, "teacher_fingerprint": self.teacher.fingerprint}
+                "teacher": self.teacher.spec, "teacher_fingerprint": self.teacher.fingerprint,
+                "world_size": self.acc.num_processes}
 
         def write(folder: Path) -> None:
+            save_file({"rng": self.rng.get_state()}, str(self._rng_file(folder)))
             if self.acc.is_main_process:
                 write_training_state(folder, mods, opts, gens, meta)
 
@@ -312,7 +333,14 @@ class SiD:
         if meta["teacher_fingerprint"] != self.teacher.fingerprint:
             raise ValueError(f"checkpoint {folder} was made with teacher {meta['teacher']!r} (fingerprint "
                              f"{meta['teacher_fingerprint']}), not {self.teacher.spec!r} ({self.teacher.fingerprint})")
+        world = int(meta.get("world_size", 1))
+        if world != self.acc.num_processes:
+            raise ValueError(f"checkpoint {folder} was written by {world} process(es); resume it with the same number "
+                             f"(got {self.acc.num_processes}) so that every process gets its own noise stream back")
         read_training_state(folder, *self._state_parts())
+        from safetensors.torch import load_file
+
+        self.rng.set_state(load_file(str(self._rng_file(folder)))["rng"])
         self.step_count = int(meta["step"])
         self.nan.load(meta["nan"])
         self.ema.num_updates = int(meta["ema_updates"])

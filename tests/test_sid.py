@@ -337,3 +337,36 @@ def test_sample_py_draws_a_generator_run_in_one_network_call(ring, tmp_path):
     # a one-step generator has no sampler or NFE to choose
     assert sample.main(["--run", str(tmp_path / "run"), "--num", "2", "--nfe", "5", "--out", str(tmp_path / "x"),
                         "--device", "cpu", "--no-progress"]) == 2
+
+
+def test_non_finite_counts_are_summed_across_processes():
+    """With a cross-process sum every process holds (and stops on) the global counts."""
+    two_equal_processes = lambda t: 2 * t  # noqa: E731  what a 2-process all-reduce of equal counts returns
+    c = NonFiniteCounter(max_fraction=0.25, reduce=two_equal_processes)
+    x = torch.zeros(8, 3)
+    x[0, 0] = float("nan")
+    assert c(x).tolist() == [False] + [True] * 7 and c.state() == {"bad": 2, "total": 16}
+
+
+def test_pretrained_diffusers_teacher(tmp_path):
+    """A local diffusers pipeline folder as teacher: G starts as the teacher's denoiser at sig_init, trains, samples."""
+    import sample
+    from tests.test_pretrained import save_pipeline
+
+    folder = save_pipeline(tmp_path / "pipe")
+    teacher = load_teacher(f"pretrained:{folder}")
+    assert teacher.shape == (1, 8, 8) and teacher.has_weights
+    cfg = SiDConfig(lr=1e-5, batch=4, iters=2, log_every=1, checkpoint_every=2)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expect = teacher.model.denoise(2.5 * z, torch.full((3,), 2.5, dtype=torch.float64))
+        start = SiD(teacher, teacher.model, cfg)
+        assert torch.allclose(start.sample(z, ema=False), expect, atol=1e-6)
+    sid = train_sid(teacher, tmp_path / "run", cfg, progress=False, log=lambda s: None)
+    assert sid.step_count == 2 and sid.nan.bad == 0
+    assert not torch.equal(sid.sample(z, ema=False), expect)  # the generator moved away from the teacher
+    G, run_cfg = load_generator(tmp_path / "run", ema=False)
+    assert run_cfg.model.kind == "pretrained" and run_cfg.generator.teacher == f"pretrained:{folder}"
+    assert torch.allclose(generate(G, z), sid.sample(z, ema=False), atol=1e-6)
+    assert sample.main(["--run", str(tmp_path / "run"), "--num", "2", "--out", str(tmp_path / "png"),
+                        "--device", "cpu", "--no-progress"]) == 0
