@@ -514,10 +514,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=d.alpha, help="SiD alpha in (0, 1.5) (default 1.2)")
     p.add_argument("--sig-init", type=float, default=d.sig_init)
     p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--batch", type=int, default=d.batch, help="global batch (split over `accelerate launch` processes)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (default: --lr)")
     p.add_argument("--fake-steps", type=int, default=d.fake_steps, help="fake-score updates per generator update")
+    p.add_argument("--no-sample-weight", action="store_true",
+                   help="drop SiD's per-sample weight 1/mean|x_g - fr| (faster on the oracle toys)")
     p.add_argument("--beta1", type=float, default=d.betas[0])
     p.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
@@ -536,7 +538,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = parse_args(argv)
     prefit_cfg = apply_common_args(a)
     cfg = SiDConfig(alpha=a.alpha, sig_init=a.sig_init, iters=a.iters, batch=a.batch, lr=a.lr, lr_fake=a.lr_fake,
-                    fake_steps=a.fake_steps, betas=(a.beta1, 0.999), ema_halflife_kimg=a.ema_halflife_kimg,
+                    fake_steps=a.fake_steps, normalize=not a.no_sample_weight, betas=(a.beta1, 0.999), ema_halflife_kimg=a.ema_halflife_kimg,
                     mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
                     max_nan_fraction=a.max_nan_fraction, seed=a.seed,
                     prefit=prefit_cfg)

@@ -300,9 +300,10 @@ def test_cli(ring, tmp_path, capsys):
     args = ["--teacher", "oracle:ring2d", "--out", str(out), "--iters", "2", "--batch", "64", "--lr", "1e-4",
             "--checkpoint-every", "2", "--log-every", "1", "--prefit-preset", "tiny", "--prefit-steps", "250",
             "--cache-dir", str(cache), "--no-progress"]
-    assert main(args) == 0
+    assert main(args + ["--no-sample-weight"]) == 0
     assert "one-step generator" in capsys.readouterr().out
-    assert load_generator(out)[1].generator.teacher == "oracle:ring2d"
+    cfg = load_generator(out)[1]
+    assert cfg.generator.teacher == "oracle:ring2d" and cfg.sid.normalize is False
     with pytest.raises(ValueError, match="alpha must lie"):
         main(args[:4] + ["--alpha", "1.5"])
 
