@@ -215,6 +215,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.afs or needs_afs(sampler, args.nfe, opts):
         opts["afs"] = True
 
+    batch_size = args.batch_size
+    if sampler == "adaptive" and batch_size > 1:
+        # dopri5's step-size control spans its batch: one image per solve keeps image i independent of batching
+        print("sample.py: adaptive solves one image at a time (its error control would couple a batch)", file=sys.stderr)
+        batch_size = 1
+
     state = PartialState(cpu=args.device == "cpu")
     device = torch.device(args.device) if args.device else state.device
     one_step = None  # sig_init of a distilled one-step generator run
@@ -242,7 +248,7 @@ def run(args: argparse.Namespace) -> dict:
         factors = (stack.enter_context(samplers.skip_tuning(model, args.skip_tuning))
                    if args.skip_tuning is not None else None)
         mine = stack.enter_context(state.split_between_processes(list(range(args.num))))
-        batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+        batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
         for idx in tqdm(batches, desc="sampling", disable=args.no_progress or not state.is_main_process):
             gens = samplers.noise.generators(args.seed, len(idx), offset=idx[0])
             noise = samplers.noise.randn((len(idx), *shape), gens).to(device=device, dtype=dtype)
@@ -276,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
         "sampler": records[0][3], "nfe": max(nfes), "nfe_per_batch": nfes if len(set(nfes)) > 1 else None,
         "grid": grid, "num": args.num, "image_shape": list(shape),
         "seeds": {"start": args.seed, "count": args.num, "rule": "image i (file i) uses seed start + i"},
-        "batch_size": args.batch_size, "num_processes": state.num_processes,
+        "batch_size": batch_size, "num_processes": state.num_processes,
         "checkpoint": ckpt, "dtype": args.dtype, "device": str(device),
         "class_label": args.class_label, "cfg_scale": args.cfg_scale,
         "skip_tuning": None if factors is None else {"rho_bottom": args.skip_tuning, "factors": factors},

@@ -80,7 +80,13 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
         if "afs" in pred.meta:
             opts.setdefault("afs", bool(pred.meta["afs"]))
 
-    if grid is None or isinstance(grid, str):
+    if grid is None and nfe is None and s.nfe is None:
+        # an adaptive solver needs no budget: solve the schedule's whole range, then read out x0
+        g = torch.tensor([schedule.sigma_edm_max, schedule.sigma_edm_min, 0.0], dtype=torch.float64)
+        if not torch.isfinite(g).all():
+            raise ValueError(f"sampler {sampler!r} on schedule {schedule.name!r} (noise range {g[0]:.4g}..{g[1]:.4g}) "
+                             f"needs a finite grid [se_max, se_last, 0]; pass grid=")
+    elif grid is None or isinstance(grid, str):
         if nfe is None:
             raise ValueError(f"give an NFE budget (nfe=...) or a grid for sampler {sampler!r}"
                              + (" (adaptive: a grid [se_max, se_last, 0])" if s.nfe is None else ""))

@@ -56,7 +56,8 @@ def call(*args: str) -> int:
     return sample.main([*map(str, args), "--device", "cpu", "--no-progress"])
 
 
-@pytest.mark.parametrize("opts", [["--sampler", "heun", "--nfe", "5"], ["--sampler", "ddim", "--nfe", "4", "--eta", "1"]])
+@pytest.mark.parametrize("opts", [["--sampler", "heun", "--nfe", "5"], ["--sampler", "ddim", "--nfe", "4", "--eta", "1"],
+                                  ["--sampler", "adaptive"]])
 def test_same_images_whatever_the_batch_size(run_dir, tmp_path, opts):
     outs = []
     for b in (1, 3, 8):

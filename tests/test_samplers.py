@@ -139,6 +139,11 @@ def test_adaptive_reports_counted_nfe_and_is_accurate():
     assert res.nfe > 6 and used > 6  # dopri5: 6 evaluations per step at least, all counted
     with pytest.raises(ValueError, match="adaptive"):
         samplers.sample(model, eps, sampler="adaptive", nfe=10)
+    # no budget and no grid: the schedule's whole range, then the x0 readout
+    full = samplers.sample(model, eps, sampler="adaptive")
+    s = model.schedule
+    assert full.grid.tolist() == [s.sigma_edm_max, s.sigma_edm_min, 0.0]
+    assert torch.allclose(full.x, exact_map(eps * top, top, 0.0), atol=1e-3)
 
 
 @pytest.mark.parametrize("nfe", [4, 5, 6, 8, 10, 15, 20])
