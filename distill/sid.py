@@ -328,7 +328,9 @@ class SiD:
                                 self.acc.wait_for_everyone, keep_last)
 
     def load(self, folder: Path) -> None:
-        """Restore a checkpoint written by ``save`` (the teacher must be the same)."""
+        """Restore a checkpoint written by ``save`` (the teacher and the number of processes must be the same)."""
+        from safetensors.torch import load_file
+
         meta = json.loads((Path(folder) / "state.json").read_text())
         if meta["teacher_fingerprint"] != self.teacher.fingerprint:
             raise ValueError(f"checkpoint {folder} was made with teacher {meta['teacher']!r} (fingerprint "
@@ -338,8 +340,6 @@ class SiD:
             raise ValueError(f"checkpoint {folder} was written by {world} process(es); resume it with the same number "
                              f"(got {self.acc.num_processes}) so that every process gets its own noise stream back")
         read_training_state(folder, *self._state_parts())
-        from safetensors.torch import load_file
-
         self.rng.set_state(load_file(str(self._rng_file(folder)))["rng"])
         self.step_count = int(meta["step"])
         self.nan.load(meta["nan"])
