@@ -469,6 +469,16 @@ def mode_stats(x: torch.Tensor, mixture: oracle_lib.GaussianMixture, n_std: floa
             "spread_worst_abs_log": worst, "modes_hit": int((counts > 0).sum()), "n": int(x.shape[0])}
 
 
+def distiller_parser(prog: str, description: str, out_help: str = "run folder to write"):
+    """An argparse parser with the two options every distiller starts with: --teacher and --out."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--teacher", required=True, help="run folder, oracle:ring2d, oracle:mixture64d or pretrained:DIR")
+    p.add_argument("--out", required=True, help=out_help)
+    return p
+
+
 def add_common_args(p, prefit: "PrefitConfig") -> None:
     """CLI options every distiller shares: the oracle pre-fit, its cache, CPU threads, the progress bar."""
     p.add_argument("--prefit-steps", type=int, default=prefit.steps, help="oracle teachers: DSM steps of the pre-fit")

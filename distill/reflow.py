@@ -39,7 +39,7 @@ from diffusion.losses import Draw, build_objective
 from diffusion.schedules import by_name
 from diffusion.score_model import ScoreModel
 
-from .common import (PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite, ema_decay, load_teacher,
+from .common import (PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite, distiller_parser, ema_decay, load_teacher,
                      network_sections, prefit)
 
 
@@ -410,9 +410,8 @@ def student_copy(init: ScoreModel) -> ScoreModel:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options of ``python -m distill reflow``."""
     d = ReflowConfig()
-    p = argparse.ArgumentParser(prog="python -m distill reflow", description="Rectified-flow reflow (+ one-step distillation).")
-    p.add_argument("--teacher", required=True, help="run folder, oracle:ring2d, oracle:mixture64d or pretrained:DIR")
-    p.add_argument("--out", required=True, help="run folder to write (pairs are cached under OUT/pairs)")
+    p = distiller_parser("python -m distill reflow", "Rectified-flow reflow (+ one-step distillation).",
+                         "run folder to write (pairs are cached under OUT/pairs)")
     p.add_argument("--pairs", type=int, default=d.pairs)
     p.add_argument("--val-pairs", type=int, default=d.val_pairs)
     p.add_argument("--chunk", type=int, default=d.chunk, help="pairs per cached chunk (the unit of resume)")

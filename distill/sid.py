@@ -40,7 +40,7 @@ from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
 
 from .common import (NonFiniteCounter, PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite,
-                     check_scale, ema_decay, latest_checkpoint, load_distilled, load_teacher, network_sections,
+                     check_scale, distiller_parser, ema_decay, latest_checkpoint, load_distilled, load_teacher, network_sections,
                      prefit, read_training_state, student_from_net, write_training_state)
 
 ALPHA_RANGE = (0.0, 1.5)  # open interval: 1.5 diverges (SiD paper), <= 0 is not a score divergence
@@ -508,9 +508,7 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options of ``python -m distill sid``."""
     d = SiDConfig()
-    p = argparse.ArgumentParser(prog="python -m distill sid", description="Score identity Distillation: a one-step generator.")
-    p.add_argument("--teacher", required=True, help="run folder, oracle:ring2d, oracle:mixture64d or pretrained:DIR")
-    p.add_argument("--out", required=True, help="run folder to write")
+    p = distiller_parser("python -m distill sid", "Score identity Distillation: a one-step generator.")
     p.add_argument("--alpha", type=float, default=d.alpha, help="SiD alpha in (0, 1.5) (default 1.2)")
     p.add_argument("--sig-init", type=float, default=d.sig_init)
     p.add_argument("--iters", type=int, default=d.iters)
