@@ -67,7 +67,7 @@ SETTINGS = {
                        eval_every=400, reserve_s=50.0),
 }
 TEACHER_NFE = (1, 5, 10, 35)
-DRAWS = 10  # independent sample draws for the SW spread (the single-draw SW of a 2-D sample varies by ~30%)
+DRAWS = 10  # independent sample draws for the SW spread (the single-draw SW of a 2-D sample varies by ~25%)
 
 
 def measures(x: torch.Tensor, data: torch.Tensor, mixture) -> dict:
