@@ -102,7 +102,9 @@ RESUME = ["train.batch_size=8", "train.grad_accum=2", "model.num_classes=10", "m
 
 
 def _opt_state(folder: Path) -> dict:
-    return torch.load(folder / "optimizer.bin", weights_only=True)
+    from diffusion.checkpoint import load_optimizer_state
+
+    return load_optimizer_state(folder)
 
 
 def test_resume_is_bit_exact(tmp_path: Path) -> None:
