@@ -117,6 +117,20 @@ def needs_afs(sampler: Optional[str], nfe: Optional[int], opts: dict) -> bool:
             return False  # unreachable either way: sample() reports the valid budgets
 
 
+def check_budget(sampler: Optional[str], nfe: Optional[int], opts: dict) -> None:
+    """An unreachable NFE budget is reported before the output folder is touched."""
+    import samplers
+    from samplers import defaults
+
+    if nfe is None or "predictor" in opts:
+        return  # no budget, or a learned predictor that brings its own grid
+    name, o = (sampler, opts) if sampler else (defaults.SAMPLER, {**defaults.OPTIONS, **opts})
+    try:
+        samplers.steps_for_nfe(name, nfe, **o)
+    except ValueError as e:
+        raise UsageError(f"--nfe {nfe}: {e}") from None
+
+
 # ---- writing --------------------------------------------------------------------------------------
 
 
@@ -281,6 +295,8 @@ def run(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     model.net.to(dtype)
     shape = sample_shape(model)
+    if one_step is None:
+        check_budget(sampler, args.nfe, opts)
     out = Path(args.out)
     state.wait_for_everyone()  # every process has checked the folder before the main one touches it
     if state.is_main_process:

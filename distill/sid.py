@@ -442,6 +442,7 @@ def _check_run_folder(run: Path, teacher: Teacher, resume: bool, overwrite: bool
 
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    check_out_folder(run, teacher.spec, overwrite=True)  # here only: --out must not be the teacher
     ck = latest_checkpoint(run)
     if (run / "config.yaml").is_file() and not overwrite:
         stored = OmegaConf.load(run / "config.yaml").get("generator") or {}
@@ -481,8 +482,6 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
     if isinstance(teacher, str):
         teacher = load_teacher(teacher)
     run = Path(out)
-    if resume:
-        check_out_folder(run, teacher.spec, overwrite=True)  # only the --out == teacher check
     ck = _check_run_folder(run, teacher, resume, overwrite)
     if init is None:
         init = (teacher.model, teacher.cfg) if teacher.has_weights else prefit(teacher, cfg.prefit, cache_dir, progress, log)
