@@ -224,6 +224,9 @@ class _Run:
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(run_dir / CHECKPOINTS)
+        if not resumed:  # train.overwrite=true: an old run's weights must not sit next to the new config
+            for name in (*FINISHED_MARKERS, "samples.png", "loss.png"):
+                (run_dir / name).unlink(missing_ok=True)
         write_text_atomic(run_dir / CONFIG_NAME, to_yaml(self.cfg))
         # a resumed run rewrites history from its checkpoint on: drop records past the resumed step
         kept = [m for m in read_metrics(run_dir / METRICS) if m.get("step", 0) <= self.step] if resumed else []

@@ -398,6 +398,24 @@ def test_override_order_is_free_and_finished_runs_are_replaced_only_on_request(r
     assert json.loads((other / "train_summary.json").read_text())["steps"] == 1
 
 
+def test_an_interrupted_overwrite_leaves_no_old_weights_next_to_the_new_config(done_no_ckpt, tmp_path, monkeypatch):
+    import diffusion.training as T_
+
+    other = tmp_path / "finished"
+    shutil.copytree(done_no_ckpt, other)
+
+    def killed(self):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(T_._Run, "train_step", killed)
+    cfg = load_config(ROOT / "configs" / "digits_unet.yaml", [f"run_dir={other}", *TINY, "train.steps=5",
+                                                              "train.overwrite=true"])
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg)
+    assert load_config(other / "config.yaml").train.steps == 5
+    assert not any((other / n).exists() for n in ("model.safetensors", "ema.safetensors", "train_summary.json"))
+
+
 # ---- sampling: provenance survives an interrupted run ------------------------------------------------------
 
 
