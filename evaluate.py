@@ -201,6 +201,19 @@ def cmd_nll(args: argparse.Namespace) -> dict:
             "wall_time_s": time.perf_counter() - start, "checkpoint": ckpt}
 
 
+def check_record_path(out: Optional[str]) -> None:
+    """--out may replace an earlier evaluate.py record, never another file (a config, weights, an image)."""
+    if out is None or not Path(out).exists():
+        return
+    try:
+        ours = Path(out).is_file() and "metric" in json.loads(Path(out).read_text())
+    except (ValueError, TypeError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"--out {out} exists and is not an evaluate.py record; choose another --out (only an "
+                         f"earlier record is replaced)")
+
+
 def json_safe(obj):
     """Secondary non-finite numbers (e.g. a standard error of one sample) become null: strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -221,6 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         check_device(args.device)
+        check_record_path(args.out)
         rec = COMMANDS[args.command](args)
         text = json.dumps(json_safe(rec), indent=1, allow_nan=False)  # never print NaN/Inf as if it were JSON
         if args.out:

@@ -475,12 +475,17 @@ def read_training_state(folder: Path, modules: dict[str, nn.Module], optimizers:
     return meta
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete ``checkpoints/step_*`` folder of a run, or None."""
-    from diffusion.checkpoint import CHECKPOINTS, list_checkpoints
+def latest_checkpoint(run_dir: Path, intact: bool = False, log: Callable[[str], None] = print) -> Optional[Path]:
+    """The newest complete ``checkpoints/step_*`` folder of a run, or None.
+
+    ``intact=True`` (resume): damaged newer checkpoints are named and skipped; CheckpointError if all are.
+    """
+    from diffusion.checkpoint import CHECKPOINTS, list_checkpoints, resolve_checkpoint
 
     ck = list_checkpoints(Path(run_dir) / CHECKPOINTS)
-    return ck[-1][1] if ck else None
+    if not ck:
+        return None
+    return resolve_checkpoint("latest", Path(run_dir) / CHECKPOINTS, log) if intact else ck[-1][1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -354,8 +354,15 @@ class SiD:
         if world != self.acc.num_processes:
             raise ValueError(f"checkpoint {folder} was written by {world} process(es); resume it with the same number "
                              f"(got {self.acc.num_processes}) so that every process gets its own noise stream back")
-        read_training_state(folder, *self._state_parts())
-        self.rng.set_state(load_file(str(self._rng_file(folder)))["rng"])
+        from safetensors import SafetensorError
+
+        from diffusion.checkpoint import CheckpointError
+
+        try:
+            read_training_state(folder, *self._state_parts())
+            self.rng.set_state(load_file(str(self._rng_file(folder)))["rng"])
+        except (OSError, KeyError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"cannot resume from {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         self.step_count = int(meta["step"])
         self.nan.load(meta["nan"])
         self.ema.num_updates = int(meta["ema_updates"])
@@ -455,6 +462,8 @@ def _check_run_folder(run: Path, teacher: Teacher, resume: bool, overwrite: bool
                          f"--overwrite to replace it, or choose a new --out")
     if resume and ck is None:
         raise ValueError(f"--resume: run folder {run} has no checkpoint to resume from")
+    if resume:
+        ck = latest_checkpoint(run, intact=True)  # a damaged newest checkpoint is named and skipped
     if not resume:
         check_out_folder(run, teacher.spec, overwrite)
     return None if overwrite else ck

@@ -203,6 +203,7 @@ CASES = [
     ("nll-trace", E, ["nll", "--run", "{run}", "--trace", "fast"], "fast"),
     ("nll-data", E, ["nll", "--run", "{run}", "--data", "nosuchdata"], "nosuchdata"),
     ("nll-pretrained-missing", E, ["nll", "--pretrained", "{tmp}/nopipe", "--data", "digits"], "nopipe"),
+    ("evaluate-out-clobbers", E, ["digits", "--samples", "{samples}", "--out", "{run}/config.yaml"], "config.yaml"),
     ("digits-no-manifest", E, ["digits", "--samples", "{digits}"], "--no-manifest"),
     ("evaluate-no-command", E, [], "command"),
     # python -m distill
@@ -521,6 +522,22 @@ def test_sid_stops_on_nan_weights_and_names_the_last_finite_checkpoint(tmp_path)
         net.bias.fill_(float("inf"))
     with pytest.raises(NonFiniteError, match="Last checkpoint with finite weights: none"):
         check_weights_finite({"net": net}, "after step 1")
+
+
+def test_sid_resume_skips_a_damaged_checkpoint(tmp_path):
+    from distill.common import PrefitConfig
+    from distill.sid import SiDConfig, train_sid
+
+    cfg = SiDConfig(batch=16, iters=2, lr=1e-4, log_every=1, checkpoint_every=1,
+                    prefit=PrefitConfig(preset="tiny", steps=20))
+    out, logs = tmp_path / "sid", []
+    train_sid("oracle:ring2d", out, cfg, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    (out / "checkpoints" / "step_0000002" / "generator.safetensors").write_bytes(b"")
+    cfg.iters = 3
+    sid = train_sid("oracle:ring2d", out, cfg, resume=True, cache_dir=tmp_path / "cache", progress=False,
+                    log=logs.append)
+    assert sid.step_count == 3
+    assert any("resumed" in m and "step_0000001" in m for m in logs), logs
 
 
 def test_distill_overwrite_replaces_only_on_request(run, tmp_path, capsys):
