@@ -29,7 +29,10 @@ class OverwriteError(FileExistsError):
 def one_line(e: BaseException) -> str:
     """The exception's message on one line (multi-line messages are joined with '; ')."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return "; ".join(lines) or type(e).__name__
+    text = lines[0] if lines else type(e).__name__
+    for ln in lines[1:]:  # "differs in 2 key(s):\n  a\n  b" -> "differs in 2 key(s): a; b"
+        text += (" " if text.endswith(":") else "; ") + ln
+    return text
 
 
 def run_main(prog: str, body: Callable[[], int], faults: tuple[type[BaseException], ...] = ()) -> int:

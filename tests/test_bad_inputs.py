@@ -156,9 +156,9 @@ CASES = [
     ("train-overwrite-finished", T, ["run_dir={done}", *TINY, "train.steps=2"], "train.overwrite=true"),
     ("train-overwrite-checkpoints", T, ["run_dir={run}", *TINY, "train.steps=2"], "train.overwrite=true"),
     ("train-resume-config-diff", T, ["run_dir={run}", *TINY, "train.steps=3", "optim.lr=0.5", "--resume", "latest"],
-     "optim.lr"),
+     "1 key(s): optim.lr: checkpoint has 0.002, this run has 0.5"),
     ("train-resume-nothing-to-do", T, ["run_dir={run}", *TINY, "train.steps=1", "--resume", "latest"], "train.steps=1"),
-    ("train-bad-option", T, ["--resum", "latest"], "--resum"),
+    ("train-bad-option", T, ["--resum", "latest"], "unrecognized arguments: --resum"),
     # sample.py
     ("sample-num-zero", S, ["--run", "{run}", "--num", "0", "--out", "{tmp}/out"], "got 0"),
     ("sample-batch-negative", S, ["--run", "{run}", "--num", "2", "--batch-size", "-1", "--out", "{tmp}/out"], "-1"),
