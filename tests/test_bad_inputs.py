@@ -386,6 +386,17 @@ def test_resume_with_only_damaged_checkpoints_stops_with_one_line(run, tmp_path,
         resolve_checkpoint("latest", folder / "checkpoints", log=lambda s: None)
 
 
+def test_an_accelerate_pickle_checkpoint_is_refused_not_unpickled(tmp_path):
+    old = tmp_path / "checkpoints" / "step_0000004"
+    old.mkdir(parents=True)
+    (old / "optimizer.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: must never be loaded
+    (old / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="older version.*pickles"):
+        resolve_checkpoint(str(old), tmp_path / "checkpoints")
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*older version"):
+        resolve_checkpoint("latest", tmp_path / "checkpoints", log=lambda s: None)
+
+
 def test_override_order_is_free_and_finished_runs_are_replaced_only_on_request(run, done_no_ckpt, tmp_path, capsys):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)
