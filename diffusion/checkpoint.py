@@ -281,7 +281,11 @@ def checkpoint_problem(folder: str | Path) -> Optional[str]:
         legacy = (folder / "optimizer.bin").is_file()
         return (f"{folder} was written by an older version (accelerate pickles, no {INDEX_NAME}); it cannot be "
                 f"resumed safely" if legacy else f"{index} {why}")
-    for name, size in json.loads(index.read_text())["files"].items():
+    files = json.loads(index.read_text())
+    files = files.get("files") if isinstance(files, dict) else None
+    if not isinstance(files, dict):
+        return f"{index} is corrupt (no file list)"
+    for name, size in files.items():
         why = _file_problem(folder / name, size)
         if why is not None:
             return f"{folder / name} {why}"
@@ -339,7 +343,8 @@ def write_checkpoint(root: str | Path, step: int, write: Callable[[Path], None],
                      barrier: Callable[[], None] = lambda: None, keep_last: Optional[int] = None) -> Path:
     """Run ``write(tmp_dir)`` on every process, then atomically rename tmp_dir to step_N on the main one.
 
-    Before the rename the main process writes ``index.json`` and fsyncs every file and the folder. Older checkpoints beyond ``keep_last`` are deleted only after the new one is in place.
+    Before the rename the main process writes ``index.json`` and fsyncs every file and the folder; after
+    it, the parent folder. Older checkpoints beyond ``keep_last`` are deleted only after the new one is in place.
     """
     root = Path(root)
     final = step_dir(root, step)
