@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--overwrite", action="store_true",
-                   help="reuse an output folder (and --grid/--npz files) that already exist: old samples are removed first")
+                   help="reuse an output folder (and --grid/--npz files) that already exist; old samples are removed")
     return p
 
 

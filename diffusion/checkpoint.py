@@ -92,7 +92,8 @@ def load_weights(net: nn.Module, path: str | Path, device: str | torch.device = 
         raise FileNotFoundError(f"weights file {path} does not exist")
     dev = torch.device(device)
     # safetensors accepts "cpu" but not "cpu:0" (what a distributed CPU process reports as its device)
-    missing, unexpected = load_model(_unwrap(net), str(path), strict=False, device="cpu" if dev.type == "cpu" else str(dev))
+    missing, unexpected = load_model(_unwrap(net), str(path), strict=False,
+                                     device="cpu" if dev.type == "cpu" else str(dev))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the network built from the config: missing keys {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
@@ -215,7 +216,8 @@ def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.T
     return tensors, meta
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str], generators: dict[str, torch.Generator]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                  generators: dict[str, torch.Generator]) -> None:
     """Inverse of ``rng_state``."""
     for k, g in generators.items():
         g.set_state(tensors[k])
@@ -313,8 +315,8 @@ def resolve_checkpoint(spec: str, root: str | Path, log: Callable[[str], None] =
             why = checkpoint_problem(path)
             if why is None:
                 if damaged:
-                    log(f"warning: --resume latest: skipped {len(damaged)} damaged checkpoint(s) ({'; '.join(damaged)}); "
-                        f"resuming from {path}, the newest intact one")
+                    log(f"warning: --resume latest: skipped {len(damaged)} damaged checkpoint(s) "
+                        f"({'; '.join(damaged)}); resuming from {path}, the newest intact one")
                 return path
             damaged.append(why)
         raise CheckpointError(f"--resume latest: no intact checkpoint in {root}: {'; '.join(damaged)}")

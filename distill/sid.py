@@ -40,8 +40,9 @@ from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
 
 from .common import (NonFiniteCounter, PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite,
-                     check_out_folder, check_scale, check_weights_finite, clear_outputs, distiller_parser, ema_decay, latest_checkpoint, load_distilled, load_teacher, network_sections,
-                     prefit, read_training_state, student_from_net, write_training_state)
+                     check_out_folder, check_scale, check_weights_finite, clear_outputs, distiller_parser, ema_decay,
+                     latest_checkpoint, load_distilled, load_teacher, network_sections, prefit, read_training_state,
+                     student_from_net, write_training_state)
 
 ALPHA_RANGE = (0.0, 1.5)  # open interval: 1.5 diverges (SiD paper), <= 0 is not a score divergence
 
