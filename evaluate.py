@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from diffusion.cli import check_device, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--inception", default=None, help="local inception-2015-12-05.pt (else $UD_INCEPTION_WEIGHTS, cache, download)")
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--no-kid", action="store_true", help="skip KID (clean-fid's estimator: 100 subsets of up to 1000 images)")
+    f.add_argument("--no-manifest", action="store_true",
+                   help="score a folder of images that sample.py did not write (no samples.json): provenance unknown")
 
     n = sub.add_parser("nll", help="negative log-likelihood in bits/dim through the PF-ODE")
     src = n.add_mutually_exclusive_group(required=True)
@@ -51,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("digits", help="offline digits measures: pixel Frechet distance and a digit-classifier score")
     d.add_argument("--samples", required=True, help="folder of generated digit images")
+    d.add_argument("--no-manifest", action="store_true", help="score a folder without samples.json (see fid)")
 
     for s in (f, n, d):
         s.add_argument("--out", default=None, help="also write the JSON record to this file")
@@ -69,12 +76,65 @@ def manifest_info(samples: str | Path) -> Optional[dict]:
                                   "class_label", "wall_time_s")}
 
 
+_SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
+
+
+def check_provenance(samples: str | Path, allow_missing: bool) -> None:
+    """Refuse a samples folder whose images and samples.json disagree, so one run is never scored as another's."""
+    folder = Path(samples)
+    path = folder / "samples.json"
+    if not folder.is_dir():
+        return  # list_images names the missing folder
+    if not path.is_file():
+        if allow_missing:
+            return
+        raise ValueError(f"samples folder {folder} has no samples.json: not written by sample.py, or its run was "
+                         f"interrupted; pass --no-manifest to score images of unknown origin")
+    try:
+        m = json.loads(path.read_text())
+    except ValueError:
+        raise ValueError(f"{path} is not valid JSON (a damaged manifest); rerun sample.py with --overwrite") from None
+    if m.get("status", "complete") != "complete":
+        raise ValueError(f"samples folder {folder} is from an interrupted sample.py run ({path} has status "
+                         f"{m.get('status')!r}, expected 'complete'); rerun sample.py with --overwrite")
+    files = m.get("files")
+    if files is None:
+        raise ValueError(f"{path} lists no image files (vector samples go to {m.get('npz')!r}); fid/digits need images")
+    if len(files) != m.get("num", len(files)):
+        raise ValueError(f"{path} lists {len(files)} files but records num={m.get('num')}; the manifest is inconsistent")
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"samples folder {folder}: {len(missing)} of the {len(files)} images in samples.json are "
+                         f"missing (e.g. {missing[0]}); the folder is incomplete")
+    extra = sorted(set(p.name for p in folder.iterdir() if _SAMPLE_FILE.match(p.name)) - set(files))
+    if extra:
+        raise ValueError(f"samples folder {folder} holds {len(extra)} numbered image(s) that samples.json does not "
+                         f"list (e.g. {extra[0]}): images of another run are mixed in")
+
+
+def check_finite_record(rec: dict, what: str, keys: Sequence[str]) -> dict:
+    """Stop rather than print a NaN/Inf measurement (not valid JSON, and not a measurement)."""
+    bad = {k: rec[k] for k in keys if isinstance(rec.get(k), float) and not math.isfinite(rec[k])}
+    if bad:
+        raise ValueError(f"{what} came out non-finite ({', '.join(f'{k}={v}' for k, v in bad.items())}) on "
+                         f"{rec.get('num_images', '?')} images; the samples are degenerate or too few (FID needs "
+                         f">= 2 images, and many more to mean anything)")
+    return rec
+
+
 def cmd_fid(args: argparse.Namespace) -> dict:
     """evaluate.py fid."""
-    from diffusion.metrics import fid_kid
+    from diffusion.metrics import fid_kid, list_images
 
+    check_provenance(args.samples, args.no_manifest)
+    n = len(list_images(args.samples))
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 sample images; {args.samples} has {n}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     rec = fid_kid(args.samples, args.ref, features=args.features, inception=args.inception,
                   batch_size=args.batch_size, device=args.device, progress=not args.no_progress, kid=not args.no_kid)
+    check_finite_record(rec, "FID/KID", ("fid", "kid"))
     return {"metric": "fid", "samples": str(args.samples), **rec, "sampling": manifest_info(args.samples)}
 
 
@@ -82,6 +142,7 @@ def cmd_digits(args: argparse.Namespace) -> dict:
     """evaluate.py digits."""
     from diffusion.metrics import digits_metrics_folder
 
+    check_provenance(args.samples, args.no_manifest)
     return {"metric": "digits", "samples": str(args.samples), **digits_metrics_folder(args.samples),
             "sampling": manifest_info(args.samples)}
 
@@ -114,6 +175,13 @@ def cmd_nll(args: argparse.Namespace) -> dict:
 
     if args.num < 1 or args.batch_size < 1:
         raise ValueError(f"--num and --batch-size must be >= 1; got {args.num}, {args.batch_size}")
+    for flag, v in (("--rtol", args.rtol), ("--atol", args.atol)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{flag} must be a finite number > 0 (e.g. 1e-5); got {v}")
+    if not 0 < args.t_eps < 1:
+        raise ValueError(f"--t-eps must lie in (0, 1) (e.g. 1e-5, or 1e-3 for discrete-time models); got {args.t_eps}")
+    if args.bits is not None and not 1 <= args.bits <= 16:
+        raise ValueError(f"--bits must lie in 1..16 (8 for ordinary images); got {args.bits}")
     model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=args.device)
     shape = sample_shape(model)
     name, ds = nll_data(args, shape)
@@ -127,9 +195,34 @@ def cmd_nll(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     rec = evaluate_nll(model, batches, generator=g, dequantize_bits=bits or None, progress=not args.no_progress,
                        trace=args.trace, t_eps=args.t_eps, rtol=args.rtol, atol=args.atol)
+    check_finite_record(rec, "the likelihood", ("bits_per_dim", "nats_per_dim"))
     return {"metric": "nll", "data": name, **rec, "trace": args.trace, "rtol": args.rtol, "atol": args.atol,
             "t_eps": args.t_eps, "solver": "dopri5", "prior": "N(0, sigma(1)^2 I)",
             "wall_time_s": time.perf_counter() - start, "checkpoint": ckpt}
+
+
+def check_record_path(out: Optional[str]) -> None:
+    """--out may replace an earlier evaluate.py record, never another file (a config, weights, an image)."""
+    if out is None or not Path(out).exists():
+        return
+    try:
+        ours = Path(out).is_file() and "metric" in json.loads(Path(out).read_text())
+    except (ValueError, TypeError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"--out {out} exists and is not an evaluate.py record; choose another --out (only an "
+                         f"earlier record is replaced)")
+
+
+def json_safe(obj):
+    """Secondary non-finite numbers (e.g. a standard error of one sample) become null: strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 COMMANDS = {"fid": cmd_fid, "nll": cmd_nll, "digits": cmd_digits}
@@ -138,16 +231,18 @@ COMMANDS = {"fid": cmd_fid, "nll": cmd_nll, "digits": cmd_digits}
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point: prints the JSON record; bad input exits with status 2 and a one-line error."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
+        check_device(args.device)
+        check_record_path(args.out)
         rec = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate.py {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(rec, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+        text = json.dumps(json_safe(rec), indent=1, allow_nan=False)  # never print NaN/Inf as if it were JSON
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        print(text)
+        return 0
+
+    return run_main(f"evaluate.py {args.command}", body)
 
 
 if __name__ == "__main__":

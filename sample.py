@@ -6,7 +6,10 @@
 
 Image i (file ``{i:06d}.png``) is drawn from seed ``S + i`` whatever the batch size or the number
 of processes. ``samples.json`` in the output folder records the sampler, grid, NFE actually used,
-seeds, checkpoint hash and wall time; ``evaluate.py fid`` reads it.
+seeds, checkpoint hash and wall time; ``evaluate.py fid`` reads it. The manifest is written first
+with ``"status": "incomplete"`` and completed at the end, so an interrupted run is never scored as
+finished, and a folder that already holds anything is only reused with ``--overwrite`` (which
+first removes the old manifest and numbered samples).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +28,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from diffusion.checkpoint import write_text_atomic
+from diffusion.cli import check_device, folder_is_used, refuse_overwrite, run_main
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRID_MAX_IMAGES = 256
@@ -59,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network dtype")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="reuse an output folder (and --grid/--npz files) that already exist; old samples are removed")
     return p
 
 
@@ -108,6 +117,20 @@ def needs_afs(sampler: Optional[str], nfe: Optional[int], opts: dict) -> bool:
             return False  # unreachable either way: sample() reports the valid budgets
 
 
+def check_budget(sampler: Optional[str], nfe: Optional[int], opts: dict) -> None:
+    """An unreachable NFE budget is reported before the output folder is touched."""
+    import samplers
+    from samplers import defaults
+
+    if nfe is None or "predictor" in opts:
+        return  # no budget, or a learned predictor that brings its own grid
+    name, o = (sampler, opts) if sampler else (defaults.SAMPLER, {**defaults.OPTIONS, **opts})
+    try:
+        samplers.steps_for_nfe(name, nfe, **o)
+    except ValueError as e:
+        raise UsageError(f"--nfe {nfe}: {e}") from None
+
+
 # ---- writing --------------------------------------------------------------------------------------
 
 
@@ -148,6 +171,39 @@ def write_vector_grid(x: np.ndarray, path: Path) -> None:
     ax.set_aspect("equal")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+
+MANIFEST = "samples.json"
+SAMPLE_FILE = re.compile(r"^\d{6}\.(png|npy)$")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse to reuse a non-empty output folder or existing --grid/--npz files without --overwrite."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder for the samples")
+    if folder_is_used(out) and not args.overwrite:
+        refuse_overwrite("output folder", out)
+    for flag, f in (("--grid", args.grid), ("--npz", args.npz)):
+        if f and Path(f).exists() and not args.overwrite and Path(f).resolve().parent != out.resolve():
+            refuse_overwrite(f"{flag} file", Path(f))
+
+
+def prepare_out(out: Path, args: argparse.Namespace, ckpt: dict) -> None:
+    """Clear an old run's manifest and samples (--overwrite), then record this run as incomplete."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / MANIFEST
+    if old.exists():
+        old.unlink()  # first: from here on the folder can never be credited to the old run
+    for p in out.iterdir():
+        if SAMPLE_FILE.match(p.name) or p.name == "samples.npz":
+            p.unlink()
+    write_text_atomic(old, json.dumps({
+        "status": "incomplete", "num": args.num, "seeds": {"start": args.seed, "count": args.num},
+        "checkpoint": ckpt, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "note": "written before the first image; replaced by the full manifest when sampling completes"}, indent=1))
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -200,6 +256,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--num and --batch-size must be >= 1; got {args.num}, {args.batch_size}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0; got {args.seed}")
+    check_outputs(args)
+    check_device(args.device)
     sampler = args.sampler
     if sampler is not None and sampler not in samplers.available():
         raise UsageError(f"unknown sampler {sampler!r}; available samplers: {', '.join(samplers.available())}")
@@ -237,9 +295,12 @@ def run(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype]
     model.net.to(dtype)
     shape = sample_shape(model)
+    if one_step is None:
+        check_budget(sampler, args.nfe, opts)
     out = Path(args.out)
+    state.wait_for_everyone()  # every process has checked the folder before the main one touches it
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_out(out, args, ckpt)
     state.wait_for_everyone()
 
     start = time.perf_counter()
@@ -310,24 +371,22 @@ def run(args: argparse.Namespace) -> dict:
         manifest["npz"] = str(args.npz or out / "samples.npz")
         if args.grid:
             write_vector_grid(x, Path(args.grid))
-    (out / "samples.json").write_text(json.dumps(manifest, indent=1))
+    manifest["status"] = "complete"
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point; bad input exits with status 2 and a one-line error."""
+    """CLI entry point; bad input exits with status 2 and a one-line error (non-finite samples: status 1)."""
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         m = run(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # non-finite samples: reported, never dropped
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 1
-    if m:
-        print(f"wrote {m['num']} samples to {args.out} ({m['sampler']}, NFE {m['nfe']}, {m['wall_time_s']:.1f} s)")
-    return 0
+        if m:
+            print(f"wrote {m['num']} samples to {args.out} ({m['sampler']}, NFE {m['nfe']}, {m['wall_time_s']:.1f} s)")
+        return 0
+
+    return run_main("sample.py", body)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 import torch
 
 import samplers
+from diffusion.cli import run_main
 from diffusion.config import ConfigError, load_config
-from diffusion.data import UnreadableImageError
 from diffusion.score_model import ScoreModel
 from diffusion.training import NonFiniteLossError, SampleFn, TrainResult, train
 
@@ -33,14 +33,30 @@ def preview_sampler(nfe: int, sampler: Optional[str], seed: int) -> SampleFn:
     return draw
 
 
+def check_preview(nfe: int, sampler: Optional[str]) -> None:
+    """Fail at the start, not after training, when preview.sampler / preview.nfe cannot be sampled."""
+    from samplers import defaults
+    from samplers.registry import spec
+
+    name, opts = (sampler, {}) if sampler else (defaults.SAMPLER, dict(defaults.OPTIONS))
+    try:
+        if spec(name).nfe is not None:
+            samplers.steps_for_nfe(name, nfe, **opts)
+    except ValueError as e:
+        raise ConfigError(f"preview.sampler={sampler} preview.nfe={nfe}: {e}") from None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: `--resum latest` must be an error, not a silent --resume
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML recipe (default {DEFAULT_CONFIG})")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint of the run folder, or from a checkpoint folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=200")
-    return p.parse_args(argv)
+    # intermixed: key=value overrides may come before, between or after the options
+    return p.parse_intermixed_args(argv)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> TrainResult:
@@ -48,20 +64,22 @@ def run(argv: Optional[Sequence[str]] = None) -> TrainResult:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     pv = cfg.preview
+    check_preview(pv.nfe, pv.sampler)
     return train(cfg, resume=args.resume, sample_fn=preview_sampler(pv.nfe, pv.sampler, pv.seed))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry: bad input prints one clear line and exits non-zero instead of a traceback."""
-    try:
+    """CLI entry: bad input prints one line and exits 2; a NaN/Inf stop prints one line and exits 1."""
+
+    def body() -> int:
         res = run(argv)
-    except (ConfigError, FileNotFoundError, UnreadableImageError, NonFiniteLossError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
-    if res.is_main:
-        print(f"trained {res.steps} steps in {res.seconds:.0f}s on {res.world_size} process(es), final loss "
-              f"{res.final_loss:.4f}; run folder {res.run_dir} (samples: {res.samples_png}, loss curve: {res.loss_png})")
-    return 0
+        if res.is_main:
+            print(f"trained {res.steps} steps in {res.seconds:.0f}s on {res.world_size} process(es), final loss "
+                  f"{res.final_loss:.4f}; run folder {res.run_dir} (samples: {res.samples_png}, loss curve: "
+                  f"{res.loss_png})")
+        return 0
+
+    return run_main("train.py", body, faults=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -195,7 +195,11 @@ def inception_features(path: Optional[str | Path] = None, device: str | torch.de
         link = folder / INCEPTION_FILE
         if not link.exists():
             link.symlink_to(weights.resolve())
-    model = InceptionV3W(str(folder), download=False).to(device).eval()
+    try:
+        model = InceptionV3W(str(folder), download=False).to(device).eval()
+    except (RuntimeError, ValueError, OSError) as e:  # a truncated or foreign file: name it, no traceback
+        raise ValueError(f"Inception weights {str(weights)!r} cannot be loaded as clean-fid's TorchScript "
+                         f"Inception ({INCEPTION_FILE}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return FeatureExtractor("inception", lambda x: model(x.to(device)), None, "clean",
                             {"weights": str(weights), "weights_sha256": sha256_file(weights)})
 

@@ -1,12 +1,12 @@
 """The training loop: accelerate for devices, data parallelism, mixed precision and accumulation.
 
 ``train(cfg, resume=None, sample_fn=None)`` runs one configured run into ``cfg.run_dir``. Exact
-resume rests on three things being saved and restored: accelerate's state (weights, AdamW, LR
-schedule, RNGs), our own state in safetensors/JSON (EMA, step, the per-process noise generator,
-the global torch RNG) and the data position, which is a pure function of the step because the
-data order is a deterministic stream (diffusion/data_stream.py). Custom state is written by us
-rather than through ``accelerator.register_for_checkpointing`` because accelerate unpickles
-registered objects by unpickling them (weights_only off), and this project never unpickles.
+resume rests on three things being saved and restored: the weights, AdamW's state and the LR schedule,
+our own state (EMA, step, the per-process noise generator, the global torch / numpy / Python RNGs)
+and the data position, which is a pure function of the step because the data order is a deterministic
+stream (diffusion/data_stream.py). All of it is written by us as safetensors + JSON rather than through
+``accelerator.save_state``, whose optimizer, scheduler and RNG files are pickles (older accelerate /
+torch versions unpickle them fully on resume), and this project never unpickles.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import build
-from .checkpoint import (CHECKPOINTS, CONFIG_NAME, EMA_NAME, MODEL_NAME, list_checkpoints, load_weights,
-                         remove_partial, resolve_checkpoint, save_run, save_weights, write_checkpoint,
-                         write_text_atomic)
+from .checkpoint import (CHECKPOINTS, CONFIG_NAME, EMA_NAME, MODEL_NAME, CheckpointError, list_checkpoints,
+                         load_optimizer, load_rng, load_weights, remove_partial, resolve_checkpoint, save_json,
+                         save_optimizer, save_rng, save_run, save_weights, write_checkpoint, write_text_atomic)
 from .config import ConfigError, differences, load_config, to_yaml
 from .data_stream import StreamBatchSampler
 from .ema import EMA
@@ -44,6 +44,10 @@ from .score_model import ScoreModel
 SampleFn = Callable[[ScoreModel, int, Sequence[int], Optional[torch.Tensor]], torch.Tensor]
 
 TRAINER_STATE = "trainer_state.json"
+SCHEDULER_STATE = "scheduler.json"
+SCALER_STATE = "scaler.json"
+#: files of a finished run: a fresh run into such a folder needs train.overwrite=true
+FINISHED_MARKERS = (MODEL_NAME, EMA_NAME, "train_summary.json", "samples.json")
 METRICS = "metrics.jsonl"
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -76,14 +80,11 @@ def _rank_state_name(rank: int) -> str:
 def save_trainer_state(folder: Path, acc: Accelerator, step: int, samples_seen: int, ema: EMA,
                        generator: torch.Generator, cfg: DictConfig) -> None:
     """Our part of a checkpoint: EMA weights, step and data position (main), RNG streams (every process)."""
-    rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(folder / _rank_state_name(acc.process_index)))
+    save_rng(folder / _rank_state_name(acc.process_index), {"generator": generator})
     if acc.is_main_process:
         save_weights(ema.net, folder / EMA_NAME)
         state = {"step": step, "samples_seen": samples_seen, "ema_updates": ema.num_updates,
-                 "world_size": acc.num_processes}
+                 "world_size": acc.num_processes, "accelerate_step": acc.step}
         write_text_atomic(folder / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
         write_text_atomic(folder / CONFIG_NAME, to_yaml(cfg))
 
@@ -93,13 +94,10 @@ def load_trainer_state(folder: Path, acc: Accelerator, ema: EMA, generator: torc
     state = json.loads((folder / TRAINER_STATE).read_text())
     load_weights(ema.net, folder / EMA_NAME, acc.device)
     ema.num_updates = int(state["ema_updates"])
+    acc.step = int(state.get("accelerate_step", 0))
     rank_file = folder / _rank_state_name(acc.process_index)
     if rank_file.is_file():
-        rng = load_file(str(rank_file))
-        generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        load_rng(rank_file, {"generator": generator})
     else:  # more processes than when saved: this one starts a fresh (seeded) noise stream
         acc.print(f"warning: {folder} was written by {state['world_size']} process(es); process "
                   f"{acc.process_index} starts a new noise stream, so the run is not bit-identical")
@@ -124,10 +122,14 @@ def _prepare_run_dir(cfg: DictConfig, resume: Optional[str], is_main: bool) -> t
             raise ConfigError(f"run folder {run_dir} already holds checkpoints (up to step {existing[-1][0]}); "
                               f"continue it with --resume latest, pick another run_dir=..., or set "
                               f"train.overwrite=true to start over (deletes them)")
+        finished = [n for n in FINISHED_MARKERS if (run_dir / n).is_file()]
+        if finished and not cfg.train.overwrite:
+            raise ConfigError(f"run folder {run_dir} already holds a finished run or outputs ({', '.join(finished)}); "
+                              f"pick another run_dir=..., or set train.overwrite=true to replace them")
         if is_main and existing:
             shutil.rmtree(ckpt_root)
         return run_dir, None
-    ckpt = resolve_checkpoint(resume, ckpt_root)
+    ckpt = resolve_checkpoint(resume, ckpt_root, log=print if is_main else (lambda _: None))
     saved = load_config(ckpt / CONFIG_NAME)
     diff = differences(saved, cfg)
     if diff:
@@ -202,18 +204,29 @@ class _Run:
 
     # ---- state ---------------------------------------------------------------------------------
     def _restore(self, ckpt: Path) -> None:
-        self.acc.load_state(str(ckpt))
-        state = load_trainer_state(ckpt, self.acc, self.ema, self.generator)
+        acc = self.acc
+        try:
+            load_weights(acc.unwrap_model(self.net), ckpt / MODEL_NAME, acc.device)
+            load_optimizer(self.opt, ckpt)
+            self.sched.load_state_dict(json.loads((ckpt / SCHEDULER_STATE).read_text()))
+            if acc.scaler is not None and (ckpt / SCALER_STATE).is_file():
+                acc.scaler.load_state_dict(json.loads((ckpt / SCALER_STATE).read_text()))
+            state = load_trainer_state(ckpt, acc, self.ema, self.generator)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # a damaged or foreign file
+            raise CheckpointError(f"cannot resume from {ckpt}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         self.step = int(state["step"])
         if state["samples_seen"] != self.step * self.cfg.train.batch_size:
             raise ConfigError(f"{ckpt}: saw {state['samples_seen']} samples in {self.step} steps, which does not "
                               f"match train.batch_size={self.cfg.train.batch_size}")
-        self.acc.print(f"resumed from {ckpt} at step {self.step}")
+        acc.print(f"resumed from {ckpt} at step {self.step}")
 
     def _open_run_dir(self, resumed: bool) -> None:
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial(run_dir / CHECKPOINTS)
+        if not resumed:  # train.overwrite=true: an old run's weights must not sit next to the new config
+            for name in (*FINISHED_MARKERS, "samples.png", "loss.png"):
+                (run_dir / name).unlink(missing_ok=True)
         write_text_atomic(run_dir / CONFIG_NAME, to_yaml(self.cfg))
         # a resumed run rewrites history from its checkpoint on: drop records past the resumed step
         kept = [m for m in read_metrics(run_dir / METRICS) if m.get("step", 0) <= self.step] if resumed else []
@@ -224,7 +237,12 @@ class _Run:
         step, samples_seen = self.step, self.step * self.cfg.train.batch_size
 
         def write(folder: Path) -> None:
-            self.acc.save_state(str(folder))
+            if self.main:  # replicas agree exactly (DDP), so the main process writes the shared state
+                save_weights(self.acc.unwrap_model(self.net), folder / MODEL_NAME)
+                save_optimizer(self.opt, folder)
+                save_json(self.sched.state_dict(), folder / SCHEDULER_STATE)
+                if self.acc.scaler is not None:
+                    save_json(self.acc.scaler.state_dict(), folder / SCALER_STATE)
             save_trainer_state(folder, self.acc, step, samples_seen, self.ema, self.generator, self.cfg)
 
         return write_checkpoint(self.run_dir / CHECKPOINTS, step, write, self.main, self.acc.wait_for_everyone,
@@ -382,6 +400,11 @@ def train(cfg: DictConfig, resume: Optional[str] = None, sample_fn: Optional[Sam
                       log_with="tensorboard" if tc.tensorboard else None, step_scheduler_with_optimizer=False,
                       project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir))
     try:
+        if tc.mixed_precision != "no" and not acc.native_amp:
+            # accelerate would train in float32 while the banner said fp16: refuse instead of mislabelling
+            raise ConfigError(f"train.mixed_precision={tc.mixed_precision} is not available on device "
+                              f"{acc.device} (accelerate would silently train in float32); valid here: "
+                              f"{'no, bf16' if acc.device.type == 'cpu' else 'no'}")
         return _loop(_Run(acc, cfg, resume, sample_fn))
     finally:
         acc.end_training()

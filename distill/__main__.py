@@ -1,4 +1,7 @@
-"""``python -m distill COMMAND [args]``: sid, reflow, amed, grid (each module exposes main(argv))."""
+"""``python -m distill COMMAND [args]``: sid, reflow, amed, grid (each module exposes main(argv)).
+
+User errors become one line on stderr and exit status 2 (the modules' ``main`` raise, for API use).
+"""
 
 from __future__ import annotations
 
@@ -21,9 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"python -m distill: error: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return 2
-    return int(importlib.import_module(COMMANDS[name]).main(rest) or 0)
+    from diffusion.cli import run_main
+
+    from .common import DivergenceError, NonFiniteError
+
+    # bad input: one line, status 2; a run that went non-finite or diverged: one line, status 1
+    return run_main(f"python -m distill {name}", lambda: importlib.import_module(COMMANDS[name]).main(rest),
+                    faults=(NonFiniteError, DivergenceError))
 
 
 if __name__ == "__main__":

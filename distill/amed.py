@@ -222,20 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="with --learn-grid: predictor/grid alternations")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="where to write the predictor (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m distill amed``."""
     args = build_parser().parse_args(argv)
-    teacher = load_teacher(args.teacher, args.device)
+    from diffusion.cli import check_device
+
+    from .common import check_out_file, check_weights_finite
+
+    check_out_file(args.out, args.overwrite)
+    check_device(args.device)
+    for flag, v in (("--nfe", args.nfe), ("--n-train", args.n_train), ("--iters", args.iters), ("--batch", args.batch),
+                    ("--rounds", args.rounds)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1; got {v}")
+    if not (args.lr > 0 and args.rtol > 0) or args.extra_nodes < 0 or args.seed < 0:
+        raise ValueError(f"--lr and --rtol must be > 0, --extra-nodes and --seed >= 0; got {args.lr}, {args.rtol}, "
+                         f"{args.extra_nodes}, {args.seed}")
     grid = None
     if args.grid:
-        grid = torch.tensor([float(v) for v in args.grid.split(",")], dtype=torch.float64)
+        try:
+            grid = torch.tensor([float(v) for v in args.grid.split(",")], dtype=torch.float64)
+        except ValueError:
+            raise ValueError(f"--grid {args.grid!r}: expected comma-separated numbers ending in 0, e.g. 80,2,0.3,0") from None
+    teacher = load_teacher(args.teacher, args.device)
     fit = distill(teacher, args.nfe, args.afs, grid=grid, teacher_solver=args.teacher_solver,
                   extra_nodes=args.extra_nodes, rtol=args.rtol, n_train=args.n_train, seed=args.seed,
                   iters=args.iters, lr=args.lr, batch=args.batch, learn_grid=args.learn_grid, rounds=args.rounds,
                   log=print)
+    check_weights_finite({"AMED predictor": fit.predictor}, f"after {args.iters} iterations")
     path = save(args.out, fit)
     print(f"mvt predictor for NFE {args.nfe} (afs={args.afs}) on grid "
           + ", ".join(f"{v:.5g}" for v in fit.grid.tolist()))

@@ -253,6 +253,7 @@ def prefit(teacher: Teacher, cfg: PrefitConfig = PrefitConfig(), cache_dir: str 
         loss.backward()
         opt.step()
         sched.step()
+    check_weights_finite({"pre-fit network": model.net}, f"after {cfg.steps} pre-fit steps")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # write-then-rename: processes of one `accelerate launch` fit the same net and may save it at once
@@ -320,6 +321,75 @@ def check_finite(value: torch.Tensor, what: str) -> None:
     """Raise NonFiniteError if a loss (or any tensor) has NaN/Inf: a diverged run stops, loudly."""
     if not torch.isfinite(value.detach()).all():
         raise NonFiniteError(f"{what} is non-finite ({value.detach().flatten()[:4].tolist()}); the run diverged")
+
+
+def check_weights_finite(modules: dict[str, nn.Module], where: str, last_checkpoint: Optional[Path] = None) -> None:
+    """Raise NonFiniteError when any weight is NaN/Inf: called before every checkpoint and final save.
+
+    One host sync per call (per checkpoint), never per step. DDP replicas hold the same weights, so every
+    process reaches the same decision without a collective.
+    """
+    bad = []
+    for name, m in modules.items():
+        params = [t.detach() for t in m.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
+        if params and not bool(torch.stack([torch.isfinite(t).all() for t in params]).all()):
+            bad.append(name)
+    if bad:
+        raise NonFiniteError(f"non-finite weights in {', '.join(bad)} {where}; stopped before saving, nothing "
+                             f"non-finite was written. Last checkpoint with finite weights: {last_checkpoint or 'none'}")
+
+
+#: what a distiller writes into its run folder (removed first by --overwrite; pairs/ is a reusable cache)
+RUN_OUTPUTS = ("config.yaml", "model.safetensors", "ema.safetensors", "metrics.jsonl", "samples.png", "loss.png",
+               "checkpoints", "onestep")
+
+
+def check_out_folder(out: str | Path, teacher_spec: str, overwrite: bool, keep: tuple[str, ...] = ()) -> bool:
+    """Refuse --out = the teacher, and a used --out without --overwrite; True when old outputs must be cleared.
+
+    Entries named in ``keep`` (a resumable cache) do not make a folder "used".
+    """
+    from diffusion.cli import OverwriteError, same_path
+
+    out = Path(out)
+    src = teacher_spec.split(":", 1)[1] if teacher_spec.startswith("pretrained:") else teacher_spec
+    if not teacher_spec.startswith("oracle:") and same_path(src, out):
+        raise OverwriteError(f"--out {out} is the teacher's own folder ({teacher_spec}); distilling into it would "
+                             f"overwrite the teacher. Choose another --out (no flag allows this)")
+    if out.exists() and not out.is_dir():
+        raise OverwriteError(f"--out {out} is a file; expected a run folder")
+    used = out.is_dir() and any(p.name not in keep for p in out.iterdir())
+    if used and not overwrite:
+        raise OverwriteError(f"--out {out} already holds files (e.g. "
+                             f"{sorted(p.name for p in out.iterdir() if p.name not in keep)[:3]}) that this command did "
+                             f"not create; pass --overwrite to replace them, or choose a new --out")
+    return used
+
+
+def clear_outputs(out: str | Path) -> None:
+    """Remove a previous distillation's outputs (--overwrite) before anything new is written."""
+    import shutil
+
+    out = Path(out)
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def check_out_file(out: str | Path, overwrite: bool) -> Path:
+    """A single-file output (amed, grid): refuse an existing file without --overwrite, and a folder."""
+    from diffusion.cli import OverwriteError
+
+    out = Path(out)
+    if out.is_dir():
+        raise OverwriteError(f"--out {out} is a folder; expected a file path")
+    if out.exists() and not overwrite:
+        raise OverwriteError(f"--out {out} already exists and was not created by this command; pass --overwrite to "
+                             f"replace it, or choose another --out")
+    return out
 
 
 class DivergenceError(RuntimeError):
@@ -405,12 +475,17 @@ def read_training_state(folder: Path, modules: dict[str, nn.Module], optimizers:
     return meta
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete ``checkpoints/step_*`` folder of a run, or None."""
-    from diffusion.checkpoint import CHECKPOINTS, list_checkpoints
+def latest_checkpoint(run_dir: Path, intact: bool = False, log: Callable[[str], None] = print) -> Optional[Path]:
+    """The newest complete ``checkpoints/step_*`` folder of a run, or None.
+
+    ``intact=True`` (resume): damaged newer checkpoints are named and skipped; CheckpointError if all are.
+    """
+    from diffusion.checkpoint import CHECKPOINTS, list_checkpoints, resolve_checkpoint
 
     ck = list_checkpoints(Path(run_dir) / CHECKPOINTS)
-    return ck[-1][1] if ck else None
+    if not ck:
+        return None
+    return resolve_checkpoint("latest", Path(run_dir) / CHECKPOINTS, log) if intact else ck[-1][1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,12 +546,13 @@ def mode_stats(x: torch.Tensor, mixture: oracle_lib.GaussianMixture, n_std: floa
 
 
 def distiller_parser(prog: str, description: str, out_help: str = "run folder to write"):
-    """An argparse parser with the two options every distiller starts with: --teacher and --out."""
+    """An argparse parser with the options every distiller starts with: --teacher, --out, --overwrite."""
     import argparse
 
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--teacher", required=True, help="run folder, oracle:ring2d, oracle:mixture64d or pretrained:DIR")
     p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     return p
 
 
@@ -491,6 +567,14 @@ def add_common_args(p, prefit: "PrefitConfig") -> None:
 
 def apply_common_args(a) -> "PrefitConfig":
     """Set the requested torch threads and return the pre-fit configuration the common options describe."""
+    if a.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default); got {a.threads}")
+    if a.prefit_steps < 1:
+        raise ValueError(f"--prefit-steps must be >= 1; got {a.prefit_steps}")
+    from diffusion.models.mlp import MLP_PRESETS
+
+    if a.prefit_preset not in MLP_PRESETS:
+        raise ValueError(f"--prefit-preset {a.prefit_preset!r} is not an MLP preset; valid: {sorted(MLP_PRESETS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     return PrefitConfig(preset=a.prefit_preset, steps=a.prefit_steps)

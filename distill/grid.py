@@ -280,7 +280,7 @@ def _parse_options(items: Sequence[str]) -> dict:
     out: dict[str, Any] = {}
     for it in items:
         if "=" not in it:
-            raise SystemExit(f"--opt expects KEY=VALUE; got {it!r}")
+            raise ValueError(f"--opt expects KEY=VALUE (e.g. --opt afs=true); got {it!r}")
         k, v = it.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -308,13 +308,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd-step", type=float, default=1e-3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="where to write the grid (.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``python -m distill grid``."""
     args = build_parser().parse_args(argv)
+    from diffusion.cli import check_device
+
+    from .common import check_out_file
+
+    check_out_file(args.out, args.overwrite)
+    check_device(args.device)
     options = _parse_options(args.opt)
+    for flag, v in (("--nfe", args.nfe), ("--n-train", args.n_train), ("--max-evals", args.max_evals)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1; got {v}")
+    if args.n_val < 0 or args.extra_nodes < 0 or args.seed < 0 or not (args.rtol > 0 and args.fd_step > 0):
+        raise ValueError(f"--n-val, --extra-nodes, --seed must be >= 0 and --rtol, --fd-step > 0; got {args.n_val}, "
+                         f"{args.extra_nodes}, {args.seed}, {args.rtol}, {args.fd_step}")
+    import samplers
+
+    if args.sampler not in samplers.available():
+        raise ValueError(f"unknown sampler {args.sampler!r}; available samplers: {', '.join(samplers.available())}")
     teacher = load_teacher(args.teacher, args.device)
     init = None
     if args.init is not None:
@@ -323,6 +340,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 init=init,
                 teacher_solver=args.teacher_solver, extra_nodes=args.extra_nodes, rtol=args.rtol, max_evals=args.max_evals,
                 fd_step=args.fd_step, log=print)
+    if not torch.isfinite(fit.grid).all():
+        raise FloatingPointError(f"the fitted grid is not finite ({fit.grid.tolist()}); nothing was written")
     path = save_grid(args.out, fit)
     print(f"grid for {fit.sampler} {fit.options} at NFE {args.nfe}: "
           + ", ".join(f"{v:.5g}" for v in fit.grid.tolist()))

@@ -39,8 +39,9 @@ from diffusion.losses import Draw, build_objective
 from diffusion.schedules import by_name
 from diffusion.score_model import ScoreModel
 
-from .common import (PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite, distiller_parser, ema_decay, load_teacher,
-                     network_sections, prefit)
+from .common import (PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite, check_out_folder,
+                     check_weights_finite, clear_outputs, distiller_parser, ema_decay, load_teacher, network_sections,
+                     prefit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +120,12 @@ class Pairs:
 
 
 def make_pairs(teacher: Teacher, folder: str | Path, n: int, chunk: int = 4096, seed: int = 0, rtol: float = 1e-5,
-               atol: float = 1e-5, progress: bool = False, log: Callable[[str], None] = print) -> Pairs:
-    """n teacher pairs (z, ODE(z)), computed chunk by chunk and cached; finished chunks are reused."""
+               atol: float = 1e-5, progress: bool = False, log: Callable[[str], None] = print,
+               overwrite: bool = False) -> Pairs:
+    """n teacher pairs (z, ODE(z)), computed chunk by chunk and cached; finished chunks are reused.
+
+    A cache made with other settings is an error, or with ``overwrite=True`` is deleted and rebuilt.
+    """
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
@@ -134,9 +139,15 @@ def make_pairs(teacher: Teacher, folder: str | Path, n: int, chunk: int = 4096, 
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff:
+        if diff and not overwrite:
             raise ValueError(f"pair cache {folder} was made with other settings {diff} (stored, requested); "
-                             f"use another --out or delete {folder}")
+                             f"use another --out, or pass --overwrite to rebuild it")
+        if diff:
+            import shutil
+
+            shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            meta_path.write_text(json.dumps(meta, indent=1))
     else:
         meta_path.write_text(json.dumps(meta, indent=1))
     k = teacher.model.num_classes
@@ -216,13 +227,16 @@ class ReflowConfig:
 
     def validate(self) -> "ReflowConfig":
         """Raise ValueError on out-of-range settings."""
-        for name in ("pairs", "chunk", "iters", "batch", "lr", "rtol", "atol", "log_every", "ema_halflife_kimg"):
+        for name in ("pairs", "chunk", "iters", "batch", "lr", "rtol", "atol", "log_every", "ema_halflife_kimg",
+                     "one_step_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"reflow {name} must be > 0; got {getattr(self, name)}")
         if not 0 <= self.val_pairs < self.pairs:
             raise ValueError(f"reflow val_pairs must lie in [0, pairs={self.pairs}); got {self.val_pairs}")
         if not 0 < self.t_eps < 1:
             raise ValueError(f"reflow t_eps must lie in (0, 1); got {self.t_eps}")
+        if self.one_step_iters < 0 or self.seed < 0:
+            raise ValueError(f"reflow one_step_iters and seed must be >= 0; got {self.one_step_iters}, {self.seed}")
         return self
 
 
@@ -344,13 +358,20 @@ def _write_run(run: Path, inner: ScoreModel, ema_net: nn.Module, base: dict, ext
 
 def reflow(teacher: Teacher | str, out: str | Path, cfg: ReflowConfig = ReflowConfig(),
            cache_dir: str | Path | None = "runs/.cache", progress: bool = True,
-           log: Callable[[str], None] = print) -> ReflowResult:
-    """Pairs from the teacher's ODE, a reflowed flow initialised from the teacher, optional one-step student."""
+           log: Callable[[str], None] = print, overwrite: bool = False) -> ReflowResult:
+    """Pairs from the teacher's ODE, a reflowed flow initialised from the teacher, optional one-step student.
+
+    ``out`` may hold a pair cache (``pairs/``, reused); any other content is refused unless
+    ``overwrite=True``, which removes the old outputs first. ``out`` is never the teacher's folder.
+    """
     cfg.validate()
     if isinstance(teacher, str):
         teacher = load_teacher(teacher)
     run = Path(out)
-    pairs = make_pairs(teacher, run / "pairs", cfg.pairs, cfg.chunk, cfg.seed, cfg.rtol, cfg.atol, progress, log)
+    if check_out_folder(run, teacher.spec, overwrite, keep=("pairs",)):
+        clear_outputs(run)
+    pairs = make_pairs(teacher, run / "pairs", cfg.pairs, cfg.chunk, cfg.seed, cfg.rtol, cfg.atol, progress, log,
+                       overwrite)
     val, train = pairs.slice(0, cfg.val_pairs), pairs.slice(cfg.val_pairs, len(pairs))
     if teacher.has_weights:
         init, net_cfg = teacher.model, teacher.cfg
@@ -375,6 +396,7 @@ def reflow(teacher: Teacher | str, out: str | Path, cfg: ReflowConfig = ReflowCo
         {"model": {"kind": "pretrained", "path": teacher.spec.split(":", 1)[1]}}
     info = {"teacher": teacher.spec, "teacher_fingerprint": teacher.fingerprint, **stats,
             "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in asdict(cfg).items()}}
+    check_weights_finite({"reflowed flow": inner.net, "its EMA": ema_net}, f"after {cfg.iters} reflow steps")
     _write_run(run, inner, ema_net, base, {"kind": "reflow", "reflow": info}, samples)
     (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     log(f"reflow: S {stats.get('straightness_init', float('nan')):.4g} -> {stats.get('straightness', float('nan')):.4g}, "
@@ -396,6 +418,8 @@ def reflow(teacher: Teacher | str, out: str | Path, cfg: ReflowConfig = ReflowCo
         z = torch.randn(2000 if len(teacher.shape) == 1 else 64, *teacher.shape, generator=torch.Generator().manual_seed(cfg.seed))
         with torch.no_grad():
             x1 = generate(inner_model(one), z, top)
+        check_weights_finite({"one-step student": inner_model(one).net}, f"after {cfg.one_step_iters} one-step "
+                             f"distillation steps", run)
         _write_run(run / "onestep", inner_model(one), inner_model(one).net, base, {"kind": "generator", "generator": gen}, x1)
     return ReflowResult(student, one, stats)
 
@@ -434,6 +458,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = ReflowConfig(pairs=a.pairs, val_pairs=a.val_pairs, chunk=a.chunk, rtol=a.rtol, atol=a.atol, iters=a.iters,
                        batch=a.batch, lr=a.lr, one_step_iters=a.one_step_iters, one_step_lr=a.one_step_lr, seed=a.seed,
                        prefit=prefit_cfg)
-    res = reflow(a.teacher, a.out, cfg, cache_dir=a.cache_dir, progress=not a.no_progress)
+    res = reflow(a.teacher, a.out, cfg, cache_dir=a.cache_dir, progress=not a.no_progress, overwrite=a.overwrite)
     print(json.dumps({k: v for k, v in res.stats.items()}, indent=1))
     return 0

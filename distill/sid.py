@@ -40,8 +40,9 @@ from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
 
 from .common import (NonFiniteCounter, PrefitConfig, Teacher, add_common_args, apply_common_args, check_finite,
-                     check_scale, distiller_parser, ema_decay, latest_checkpoint, load_distilled, load_teacher, network_sections,
-                     prefit, read_training_state, student_from_net, write_training_state)
+                     check_out_folder, check_scale, check_weights_finite, clear_outputs, distiller_parser, ema_decay,
+                     latest_checkpoint, load_distilled, load_teacher, network_sections, prefit, read_training_state,
+                     student_from_net, write_training_state)
 
 ALPHA_RANGE = (0.0, 1.5)  # open interval: 1.5 diverges (SiD paper), <= 0 is not a score divergence
 
@@ -147,6 +148,15 @@ class SiDConfig:
             raise ValueError(f"SiD t_max_frac must lie in (0, 1]; got {self.t_max_frac}")
         if not self.sigma_min < self.sigma_max:
             raise ValueError(f"SiD needs sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
+        for name in ("ema_halflife_kimg", "diverge_factor") + (("lr_fake",) if self.lr_fake is not None else ()):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SiD {name} must be > 0; got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"SiD Adam betas must lie in [0, 1); got {tuple(self.betas)}")
+        if not 0 <= self.max_nan_fraction < 1:
+            raise ValueError(f"SiD max_nan_fraction must lie in [0, 1); got {self.max_nan_fraction}")
+        if self.seed < 0:
+            raise ValueError(f"SiD seed must be >= 0; got {self.seed}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be one of no, fp16, bf16; got {self.mixed_precision!r}")
         return self
@@ -315,6 +325,7 @@ class SiD:
         from diffusion.checkpoint import CHECKPOINTS, write_checkpoint
 
         mods, opts, gens = self._state_parts()
+        self.check_weights(run)
         meta = {"step": self.step_count, "nan": self.nan.state(), "ema_updates": self.ema.num_updates,
                 "teacher": self.teacher.spec, "teacher_fingerprint": self.teacher.fingerprint,
                 "world_size": self.acc.num_processes}
@@ -326,6 +337,11 @@ class SiD:
 
         return write_checkpoint(Path(run) / CHECKPOINTS, self.step_count, write, self.acc.is_main_process,
                                 self.acc.wait_for_everyone, keep_last)
+
+    def check_weights(self, run: Path) -> None:
+        """Stop (NonFiniteError naming the last finite checkpoint) if G, f_psi or the EMA went non-finite."""
+        check_weights_finite({"generator": self.G.net, "fake score": self.fake.net, "EMA generator": self.ema.net},
+                             f"after iteration {self.step_count}", latest_checkpoint(run))
 
     def load(self, folder: Path) -> None:
         """Restore a checkpoint written by ``save`` (the teacher and the number of processes must be the same)."""
@@ -339,8 +355,15 @@ class SiD:
         if world != self.acc.num_processes:
             raise ValueError(f"checkpoint {folder} was written by {world} process(es); resume it with the same number "
                              f"(got {self.acc.num_processes}) so that every process gets its own noise stream back")
-        read_training_state(folder, *self._state_parts())
-        self.rng.set_state(load_file(str(self._rng_file(folder)))["rng"])
+        from safetensors import SafetensorError
+
+        from diffusion.checkpoint import CheckpointError
+
+        try:
+            read_training_state(folder, *self._state_parts())
+            self.rng.set_state(load_file(str(self._rng_file(folder)))["rng"])
+        except (OSError, KeyError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"cannot resume from {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         self.step_count = int(meta["step"])
         self.nan.load(meta["nan"])
         self.ema.num_updates = int(meta["ema_updates"])
@@ -381,6 +404,7 @@ def save_outputs(run: Path, sid: SiD, history: list[dict]) -> None:
     from diffusion.checkpoint import EMA_NAME, MODEL_NAME, save_weights
     from diffusion.previews import save_samples
 
+    sid.check_weights(run)
     if not sid.acc.is_main_process:
         return
     save_weights(sid.G.net, run / MODEL_NAME)
@@ -420,30 +444,40 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     return [r for r in read_metrics(path) if r.get("step", 0) <= upto]
 
 
-def _check_run_folder(run: Path, teacher: Teacher, resume: bool) -> Optional[Path]:
-    """The checkpoint to resume from (or None); raises on a teacher mismatch or unrequested overwrite."""
+def _check_run_folder(run: Path, teacher: Teacher, resume: bool, overwrite: bool = False) -> Optional[Path]:
+    """The checkpoint to resume from (or None); raises on a teacher mismatch or an unrequested overwrite."""
     from omegaconf import OmegaConf
 
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    check_out_folder(run, teacher.spec, overwrite=True)  # here only: --out must not be the teacher
     ck = latest_checkpoint(run)
-    if (run / "config.yaml").is_file():
+    if (run / "config.yaml").is_file() and not overwrite:
         stored = OmegaConf.load(run / "config.yaml").get("generator") or {}
         if stored.get("teacher_fingerprint") not in (None, teacher.fingerprint):
             raise ValueError(f"run folder {run} was distilled from teacher {stored.get('teacher')!r} (fingerprint "
                              f"{stored.get('teacher_fingerprint')}); refusing to continue it with {teacher.spec!r} "
                              f"({teacher.fingerprint}). Use a new --out.")
-    if ck is not None and not resume:
-        raise ValueError(f"run folder {run} already has checkpoints (latest {ck.name}); pass --resume to continue it "
-                         f"or choose a new --out")
+    if ck is not None and not resume and not overwrite:
+        raise ValueError(f"run folder {run} already has checkpoints (latest {ck.name}); pass --resume to continue it, "
+                         f"--overwrite to replace it, or choose a new --out")
     if resume and ck is None:
         raise ValueError(f"--resume: run folder {run} has no checkpoint to resume from")
-    return ck
+    if resume:
+        ck = latest_checkpoint(run, intact=True)  # a damaged newest checkpoint is named and skipped
+    if not resume:
+        check_out_folder(run, teacher.spec, overwrite)
+    return None if overwrite else ck
 
 
 def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfig(), resume: bool = False,
               init: Optional[tuple[ScoreModel, Optional[DictConfig]]] = None, cache_dir: str | Path | None = "runs/.cache",
               progress: bool = True, callback: Optional[Callable[[SiD, dict], None]] = None,
-              log: Callable[[str], None] = print, time_limit_s: Optional[float] = None) -> SiD:
+              log: Callable[[str], None] = print, time_limit_s: Optional[float] = None, overwrite: bool = False) -> SiD:
     """Run SiD into the run folder ``out`` (``resume=True`` continues from its last checkpoint).
+
+    A folder that already holds anything is refused unless ``overwrite=True`` (its old outputs are then
+    removed before anything is written); ``out`` may never be the teacher's own folder.
 
     ``time_limit_s`` stops training early (a checkpoint and the outputs are still written, and the
     log says how many iterations ran), so a demo or benchmark keeps its wall-clock budget.
@@ -458,7 +492,7 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
     if isinstance(teacher, str):
         teacher = load_teacher(teacher)
     run = Path(out)
-    ck = _check_run_folder(run, teacher, resume)
+    ck = _check_run_folder(run, teacher, resume, overwrite)
     if init is None:
         init = (teacher.model, teacher.cfg) if teacher.has_weights else prefit(teacher, cfg.prefit, cache_dir, progress, log)
     sid = SiD(teacher, init[0], cfg)
@@ -471,6 +505,8 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
         from diffusion.checkpoint import write_text_atomic
 
         run.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            clear_outputs(run)  # the old run's weights must not survive next to the new config
         write_text_atomic(run / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_config(teacher, init[1], cfg))))
         write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     t0 = time.perf_counter()
@@ -540,8 +576,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     mixed_precision=a.mixed_precision, checkpoint_every=a.checkpoint_every, log_every=a.log_every,
                     max_nan_fraction=a.max_nan_fraction, seed=a.seed,
                     prefit=prefit_cfg)
+    if a.time_limit_min is not None and not a.time_limit_min > 0:
+        raise ValueError(f"--time-limit-min must be > 0; got {a.time_limit_min}")
     train_sid(a.teacher, a.out, cfg, resume=a.resume, cache_dir=a.cache_dir, progress=not a.no_progress,
-              time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min)
+              time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min, overwrite=a.overwrite)
     print(f"sid: wrote {a.out}: a one-step generator (kind: generator, sig_init {cfg.sig_init}); "
           f"sample it with `python sample.py --run {a.out}`")
     return 0

@@ -102,7 +102,9 @@ RESUME = ["train.batch_size=8", "train.grad_accum=2", "model.num_classes=10", "m
 
 
 def _opt_state(folder: Path) -> dict:
-    return torch.load(folder / "optimizer.bin", weights_only=True)
+    from diffusion.checkpoint import load_optimizer_state
+
+    return load_optimizer_state(folder)
 
 
 def test_resume_is_bit_exact(tmp_path: Path) -> None:
@@ -194,7 +196,7 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, capsys) -> None:
     assert code == 2 and "'optim.lr'" in err and "'fast'" in err
     missing = tmp_path / "no_such_folder"
     code, err = _main([*base, "data.name=folder", f"data.root={missing}", "data.resolution=8"], capsys)
-    assert code == 1 and str(missing) in err and "does not exist" in err
+    assert code == 2 and str(missing) in err and "does not exist" in err
     code, err = _main(["--config", str(ROOT / "configs" / "digits_dit.yaml"), *base, "data.resolution=6",
                        "model.options.patch_size=4"], capsys)
     assert code == 2 and "not divisible by patch_size 4" in err
@@ -208,7 +210,7 @@ def test_a_corrupt_image_is_named(tmp_path: Path, capsys) -> None:
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
     code, err = _main([f"run_dir={tmp_path / 'run'}", *QUICK, "data.name=folder", f"data.root={folder}",
                        "data.resolution=8", "data.options.channels=3", "train.batch_size=5"], capsys)
-    assert code == 1 and str(bad) in err
+    assert code == 2 and str(bad) in err
 
 
 def test_time_limit_stops_early_but_saves_everything_and_can_resume(tmp_path: Path) -> None:
