@@ -113,6 +113,10 @@ def load_trainer_state(folder: Path, acc: Accelerator, ema: EMA, generator: torc
     return state
 
 
+def _span(first: int, last: int) -> str:
+    return f"step {last}" if first == last else f"steps {first}-{last}"
+
+
 def _checksum(net: torch.nn.Module) -> int:
     """A 63-bit hash of every parameter's bytes: equal on all ranks iff the replicas agree exactly."""
     h = hashlib.sha256()
@@ -331,9 +335,9 @@ class _Run:
             model_bad, ema_bad = int(row[3 * n]), int(row[3 * n + 1])
             if model_bad or ema_bad:
                 raise NonFiniteWeightsError(
-                    f"non-finite weights after step {self.step} (checked at steps {first}-{self.step}; losses and "
+                    f"non-finite weights after step {self.step} (checked at {_span(first, self.step)}; losses and "
                     f"gradients were finite): {model_bad} of {len(self.params)} weight tensors and {ema_bad} EMA "
-                    f"tensors hold NaN/Inf on process {rank} (is optim.lr={self.cfg.optim.lr} too large?); nothing "
+                    f"tensors hold NaN/Inf on process {rank} with optim.lr={self.cfg.optim.lr}; nothing "
                     f"written from them. {self._last_good()}")
         mine = rows[acc.process_index]
         self.window += [mine[3 * i] for i in range(n)]
@@ -349,7 +353,7 @@ class _Run:
         return f"Last checkpoint with finite weights: {last[-1][1] if last else 'none'}"
 
     def _raise_loss(self, step: int, n_bad: int, grad_norm: float, rank: int, first: int) -> None:
-        window = f"steps {first}-{self.step} checked at step {self.step}"
+        window = f"{_span(first, self.step)} checked at step {self.step}"
         raise NonFiniteLossError(
             f"non-finite loss at step {step}: {n_bad} of {self.micro * self.cfg.train.grad_accum} per-sample losses "
             f"on process {rank} are NaN/Inf (grad norm {grad_norm}; {window}); stopped before saving, no checkpoint "
