@@ -117,6 +117,7 @@ class TrainConfig:
     cpu_threads: int = 0  # torch intra-op threads (0: torch's default); 1 is far faster on a shared CPU
     compile: bool = False  # torch.compile the network (training and preview sampling); first steps compile
     compile_mode: Optional[str] = None  # torch.compile mode: default | reduce-overhead | max-autotune
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for debugging)
     tf32: bool = False  # TF32 matmuls/convolutions on Ampere+ GPUs (faster fp32, ~1e-3 relative error)
     channels_last: bool = False  # NHWC memory layout for image networks and batches (faster convs on GPUs)
     cudnn_benchmark: bool = False  # let cuDNN time its conv algorithms for each new input shape
@@ -272,6 +273,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         _positive(cfg, key, allow_zero=True)
     if cfg.train.compile_mode is not None:
         _choice(cfg, "train.compile_mode", COMPILE_MODES)
+    if cfg.train.compile and cfg.train.compile_backend != "inductor":
+        import torch._dynamo  # only when asked: the backend registry is torch's
+
+        _choice(cfg, "train.compile_backend", torch._dynamo.list_backends(exclude_tags=()))
     if cfg.optim.fused and cfg.optim.foreach:
         raise ConfigError("optim.fused=true and optim.foreach=true exclude each other; set one of them "
                           "(optim.foreach=null lets torch choose)")

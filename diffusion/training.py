@@ -121,7 +121,7 @@ def _checksum(net: torch.nn.Module) -> int:
     """A 63-bit hash of every parameter's bytes: equal on all ranks iff the replicas agree exactly."""
     h = hashlib.sha256()
     for p in net.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 1-D: NHWC-safe
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
@@ -196,8 +196,8 @@ class _Run:
         self.net, self.opt, self.sched = acc.prepare(net, opt, sched)
         self.unwrapped = acc.unwrap_model(self.net)
         if tc.compile:  # in place (nn.Module.compile): parameter names and state-dict keys stay unchanged
-            self.unwrapped.compile(mode=tc.compile_mode)
-            self.ema.net.compile(mode=tc.compile_mode)  # previews sample with the EMA weights
+            self.unwrapped.compile(mode=tc.compile_mode, backend=tc.compile_backend)
+            self.ema.net.compile(mode=tc.compile_mode, backend=tc.compile_backend)  # previews use the EMA weights
         self.model = build.build_score_model(cfg, self.net)
         self.objective = build.build_loss(cfg)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
