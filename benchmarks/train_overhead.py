@@ -3,14 +3,15 @@
 Both sides run the default recipe's network (configs/digits_unet.yaml), the same ScoreModel and
 objective, the same batch size and the same in-memory digits. The bare loop is forward, loss,
 backward, AdamW step and nothing else. The trainer adds accelerate's wrappers, the DataLoader over
-the resumable stream, EMA, gradient-norm clipping, the NaN/Inf check, tqdm, JSONL + TensorBoard
-logging.
+the resumable stream, EMA (foreach lerp), gradient-norm clipping, the on-device loss/NaN/grad-norm
+bookkeeping with its amortised read-back and weight-finiteness check every ``log_every`` steps, tqdm,
+JSONL + TensorBoard logging.
 
 This machine is shared with other jobs whose load changes by the second, so the two sides are
 interleaved step by step: each iteration of the trainer's loop first runs one bare step (timed
 alone), then the trainer's own step. A trainer iteration's time is the time from one loop iteration
 to the next minus the bare step inside it, so logging, tqdm and EMA are all counted, and both sides
-see the same load. Ratio of mean step times with a paired bootstrap interval. Target: ratio >= 0.9.
+see the same load. Ratio of mean step times with a paired bootstrap interval. Target: ratio >= 0.97.
 
     .venv/bin/python benchmarks/train_overhead.py [--steps 300]
 """
@@ -94,7 +95,7 @@ def interleaved(cfg, steps: int, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
 def _hardware() -> str:
     if DEVICE.type == "cuda":
         return (f"GPU {torch.cuda.get_device_name()} (the bare step ends with a CUDA sync so that its kernels are "
-                f"not billed to the trainer; the trainer syncs once per step too, reading the loss)")
+                f"not billed to the trainer; the trainer itself reads the device only every log_every steps)")
     return f"{torch.get_num_threads()} torch thread(s), CPU ({os.cpu_count()} cores, shared with other jobs)"
 
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     slow = paired_bootstrap_ratio(ours, bare, stat="mean")  # trainer time / bare time
     ratio = 1 / slow.value
     ci = (1 / slow.hi, 1 / slow.lo)
-    target = Target("trainer steps/s / bare loop steps/s", ratio, 0.9, ">=",
+    target = Target("trainer steps/s / bare loop steps/s", ratio, 0.97, ">=",
                     detail=f"95% CI {ci[0]:.3f}..{ci[1]:.3f}; {cfg.model.kind} {dict(cfg.model.options)} "
                            f"{list(cfg.model.input_shape)}, batch {cfg.train.batch_size}")
     print(target.line())
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 Same network ({cfg.model.kind}, preset {cfg.model.preset}, options {dict(cfg.model.options)}), objective
 {cfg.objective.name}, batch {cfg.train.batch_size}, in-memory digits {list(cfg.model.input_shape)},
 {_hardware()}. The bare loop is
-forward + loss + backward + AdamW; the trainer adds accelerate, the DataLoader over the resumable stream, EMA,
-grad-norm clipping, the NaN check, tqdm and JSONL/TensorBoard logging (every {cfg.train.log_every} steps).
+forward + loss + backward + AdamW; the trainer adds accelerate, the DataLoader over the resumable stream, EMA
+(foreach), grad-norm clipping, the on-device NaN/loss/grad-norm bookkeeping (read back with the weights'
+finiteness check every {cfg.train.log_every} steps), tqdm and JSONL/TensorBoard logging.
 The sides are interleaved step by step ({args.steps} timed steps each after {WARMUP} warm-up steps), so
 both see the same machine load; each trainer step is timed from one loop iteration to the next minus the
 bare step run inside it.

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -47,6 +47,7 @@ SampleFn = Callable[[ScoreModel, int, Sequence[int], Optional[torch.Tensor]], to
 TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+_SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA)
 #: with logging off, the queued per-step statistics are still read (and checked) this often
 SYNC_EVERY = 1000
 
@@ -292,7 +293,7 @@ class _Run:
                 bad += (~torch.isfinite(detached)).sum()
                 loss_total += loss.detach().to(self.stat_dtype) / tc.grad_accum
                 if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(self.params, clip).detach().to(self.stat_dtype)
+                    grad_norm = self._clip_grad_norm(clip).detach().to(self.stat_dtype)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
         self.sched.step()
@@ -301,6 +302,20 @@ class _Run:
         stats = torch.stack([loss_total, bad.to(self.stat_dtype), grad_norm])
         self.pending.append(stats)
         return stats
+
+    def _clip_grad_norm(self, clip: float) -> torch.Tensor:
+        """The global grad norm (a device tensor), clipping to ``clip`` unless it is inf.
+
+        Plain data parallelism needs nothing from accelerate here, so torch's functions are called
+        directly (accelerate's wrapper walks the modules looking for DTensors on every call); fp16's
+        gradient unscaling and sharded engines still go through ``Accelerator.clip_grad_norm_``.
+        """
+        acc = self.acc
+        if acc.scaler is not None or acc.distributed_type in _SHARDED:
+            return acc.clip_grad_norm_(self.params, clip)
+        if math.isinf(clip):  # measuring only: multiplying every gradient by 1.0 would change nothing
+            return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return torch.nn.utils.clip_grad_norm_(self.params, clip)
 
     def _nonfinite_weights(self) -> torch.Tensor:
         """[training-weight tensors, EMA tensors] holding a NaN/Inf, counted on the device (no sync)."""

@@ -122,21 +122,22 @@ def test_dataloader_workers_pinned_persistent_give_the_same_batches(tmp_path: Pa
         load_config(None, ["data.prefetch_factor=2"])
 
 
-def test_foreach_ema_is_bit_identical_to_the_per_tensor_loop() -> None:
+@pytest.mark.device
+def test_foreach_ema_is_bit_identical_to_the_per_tensor_loop(device: torch.device) -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+    net = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).to(device)
     a, b = EMA(net, 0.9, foreach=True), EMA(copy.deepcopy(net), 0.9, foreach=False)
     for _ in range(6):
         with torch.no_grad():
             for p in net.parameters():
-                p.add_(torch.randn_like(p))
-        net.train()(torch.randn(4, 5))  # moves the BatchNorm buffers, which are copied
+                p.add_(torch.randn_like(p))  # on the device's own RNG: both EMAs see the same steps
+        net.train()(torch.randn(4, 5, device=device))  # moves the BatchNorm buffers, which are copied
         a.update(net)
         b.update(net)
     for (k, x), (_, y) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
         assert torch.equal(x, y), k
     # and the closed form: from 0 towards a constant c with decay d (no warm-up), ema_n = c (1 - d^n)
-    lin = nn.Linear(2, 2)
+    lin = nn.Linear(2, 2).to(device)
     with torch.no_grad():
         lin.weight.zero_()
     ema = EMA(lin, 0.8, warmup=False, foreach=True)
@@ -144,4 +145,4 @@ def test_foreach_ema_is_bit_identical_to_the_per_tensor_loop() -> None:
         lin.weight.fill_(3.0)
     for _ in range(4):
         ema.update(lin)
-    assert torch.allclose(ema.net.weight, torch.full((2, 2), 3 * (1 - 0.8**4)), rtol=0, atol=1e-6)
+    assert torch.allclose(ema.net.weight, torch.full((2, 2), 3 * (1 - 0.8**4), device=device), rtol=0, atol=1e-6)
