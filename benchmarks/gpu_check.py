@@ -71,15 +71,17 @@ def _sync(device: torch.device) -> None:
 # ---- 1. tests ------------------------------------------------------------------------------------------
 
 
-def run_tests(dry: bool, timeout_s: float) -> dict[str, Any]:
+def run_tests(dry: bool) -> dict[str, Any]:
     """The trainer's tests and the ``device``-marked tests with UD_TEST_DEVICE=cuda (dry run: collect only)."""
     env = {**os.environ, "UD_TEST_DEVICE": "cpu" if dry else "cuda", "UD_TEST_INDUCTOR": "0" if dry else "1",
            "PYTHONPATH": str(ROOT)}
-    runs = [("trainer tests", TRAINER_TESTS), ("tests marked `device`", ["-m", "device", "tests"])]
+    # (label, pytest arguments, timeout in seconds): at most 5 of the 7.5 minutes go to tests
+    runs = [("trainer tests", TRAINER_TESTS, 240), ("tests marked `device`", ["-m", "device", "tests"], 60)]
     if dry:  # the dry run only proves the machinery: collecting one small file keeps it under a minute
-        runs = [("trainer tests (dry run: tests/test_train_parts.py collected only)", ["tests/test_train_parts.py"])]
+        runs = [("trainer tests (dry run: tests/test_train_parts.py collected only)", ["tests/test_train_parts.py"],
+                 60)]
     out = {}
-    for label, args in runs:
+    for label, args, timeout_s in runs:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["--collect-only"] if dry else []),
                *args]
         t0 = time.perf_counter()
@@ -242,7 +244,7 @@ def report(res: dict[str, Any], dry: bool) -> str:
     t = res["train_setup"]
     return f"""# GPU check
 
-`python benchmarks/gpu_check.py{' --dry-run' if dry else ''}` ({res['seconds']:.0f} s)
+`python benchmarks/gpu_check.py{res["argv"]}` ({res['seconds']:.0f} s)
 
 {head}
 
@@ -252,7 +254,7 @@ def report(res: dict[str, Any], dry: bool) -> str:
 
 ## 2. Training speed: CIFAR-10 recipe network ({t['network']}), {t['precision']}, batch {t['batch']}
 
-Trainer = `diffusion.training.train` (accelerate, DataLoader with pinned memory, EMA, on-device NaN and
+Trainer = `diffusion.training.train` (accelerate, DataLoader (pinned memory on CUDA), EMA, on-device NaN and
 grad-norm bookkeeping read every 25 steps); bare loop = forward + EDM loss + backward + AdamW on data already
 on the device. {t['timed']} timed steps after {t['warmup']} warm-up steps (compile happens in the warm-up).
 
@@ -295,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     def time_left() -> float:
         return BUDGET_S - (time.perf_counter() - t_start)
 
-    res: dict[str, Any] = {"dry_run": dry, "device_name": "cpu" if dry else torch.cuda.get_device_name(),
+    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write-results"]
+    res: dict[str, Any] = {"argv": "".join(" " + a for a in shown), "dry_run": dry,
+                           "device_name": "cpu" if dry else torch.cuda.get_device_name(),
                            "tests": {}, "training": [], "sampling": [], "skipped": skipped}
     if args.skip_tests:
         skipped.append("tests (--skip-tests)")
     else:
-        res["tests"] = run_tests(dry, timeout_s=150 if not dry else 60)
+        res["tests"] = run_tests(dry)
 
     batch, warmup, timed = (4, 2, 3) if dry else (128, 5, 30)
     res["train_setup"] = {"network": "tiny U-Net (dry run)" if dry else "DDPM++ (ddpmpp_cifar preset)",

@@ -37,7 +37,7 @@ class DataConfig:
     options: Dict[str, Any] = field(default_factory=dict)  # dataset-specific: hflip, download, channels, ...
     num_workers: int = 0  # DataLoader workers (0: read in the main process)
     pin_memory: Optional[bool] = None  # page-locked batches for fast host-to-GPU copies (None: on when on CUDA)
-    persistent_workers: bool = False  # keep workers alive between iterators (needs num_workers > 0)
+    persistent_workers: bool = False  # keep workers between iterators (needs num_workers > 0; one endless iterator here)
     prefetch_factor: Optional[int] = None  # batches each worker loads ahead (None: torch's default, 2)
 
 
