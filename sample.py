@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="network dtype")
     p.add_argument("--device", default=None, help="torch device (default: accelerate's choice)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the network (backend default inductor; aot_eager for debugging)")
     return p
 
 
@@ -236,6 +238,8 @@ def run(args: argparse.Namespace) -> dict:
         model = model.with_guidance(args.cfg_scale)
     dtype = DTYPES[args.dtype]
     model.net.to(dtype)
+    if args.compile:  # in place: compiles on the first batch, later batches of the same shape reuse it
+        model.net.compile(backend=args.compile)
     shape = sample_shape(model)
     out = Path(args.out)
     if state.is_main_process:

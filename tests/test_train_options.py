@@ -4,9 +4,11 @@ cudnn.benchmark, foreach EMA, DataLoader workers with pinned memory and persiste
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +20,17 @@ from diffusion.config import ConfigError, load_config
 from diffusion.ema import EMA
 from diffusion.previews import read_metrics
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name.replace(".", "_"), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_cli, sample_cli = _script("train.py"), _script("sample.py")
 MLP = ["data.name=gmm2d", "model.kind=mlp", "model.options={hidden: 32, depth: 1, emb_dim: 16}",
        "model.parametrization=eps", "objective.name=eps", "schedule.name=cosine", "train.batch_size=16",
        "train.tensorboard=false", "train.log_every=1", "train.steps=4", "optim.lr=1e-2"]
@@ -25,9 +38,9 @@ UNET = ["data.resolution=8", "model.options={block_out_channels: [32, 32], layer
         "train.batch_size=4", "train.tensorboard=false", "train.log_every=1", "train.steps=3"]
 
 
-def _train(tmp: Path, name: str, base: list[str], *extra: str):
+def _train(tmp: Path, name: str, base: list[str], *extra: str, sample_fn=None):
     cfg = load_config(None, [f"run_dir={tmp / name}", *base, *extra])
-    res = training.train(cfg)
+    res = training.train(cfg, sample_fn=sample_fn)
     return [m["loss"] for m in read_metrics(res.run_dir / "metrics.jsonl")], load_file(res.run_dir / "model.safetensors")
 
 
@@ -50,10 +63,20 @@ def test_compiled_network_trains_like_the_eager_one(tmp_path: Path, monkeypatch,
 
     monkeypatch.setattr(training._Run, "train_step", step)
     eager, w_eager = _train(tmp_path, "eager", MLP)
-    compiled, w_compiled = _train(tmp_path, "compiled", MLP, "train.compile=true", f"train.compile_backend={backend}")
-    assert seen["compiled"]
+    preview = train_cli.preview_sampler(4, None, 0)  # the preview grid samples with the compiled EMA net
+    compiled, w_compiled = _train(tmp_path, "compiled", MLP, "train.compile=true", f"train.compile_backend={backend}",
+                                  "preview.n=4", sample_fn=preview)
+    assert seen["compiled"] and (tmp_path / "compiled" / "samples.png").is_file()
     assert compiled == pytest.approx(eager, rel=1e-5) and compiled[-1] < compiled[0] * 1.5
     assert _close(w_eager, w_compiled, 1e-5)  # state-dict keys unchanged by compiling in place
+    # sampling: sample.py --compile draws the same points as the eager network
+    out = {}
+    for flag in ([], ["--compile", backend]):
+        npz = tmp_path / f"s{len(flag)}.npz"
+        assert sample_cli.main(["--run", str(tmp_path / "compiled"), "--num", "4", "--nfe", "4", "--no-progress",
+                                "--out", str(tmp_path / f"s{len(flag)}"), "--npz", str(npz), *flag]) == 0
+        out[len(flag)] = np.load(npz)["samples"]
+    assert np.allclose(out[0], out[2], rtol=1e-5, atol=1e-6)
 
 
 def test_fused_and_foreach_adamw_match_the_loop(tmp_path: Path, monkeypatch) -> None:
