@@ -266,7 +266,7 @@ class _Run:
         m = self.cfg.model
         if not m.num_classes:
             return None
-        return drop_labels(y.to(self.acc.device), m.label_dropout, m.num_classes, self.generator)
+        return drop_labels(y.to(self.acc.device, non_blocking=True), m.label_dropout, m.num_classes, self.generator)
 
     def train_step(self) -> torch.Tensor:
         """Accumulate grad_accum micro-batches, clip, step, update the EMA; no host sync (see ``sync``).
