@@ -132,3 +132,28 @@ def test_sync_reads_back_what_the_steps_queued(tmp_path: Path, monkeypatch) -> N
     assert m[0]["loss"] == sum(s[0] for s in steps[:4]) / 4 and m[1]["loss"] == sum(s[0] for s in steps[4:]) / 4
     assert m[1]["grad_norm"] == steps[-1][2] and all(s[1] == 0 for s in steps)
     assert res.final_loss == steps[-1][0] and len({s[0] for s in steps}) == 8  # eight different batches
+
+
+def test_with_logging_off_the_queue_is_still_read_every_sync_every_steps(tmp_path: Path, monkeypatch) -> None:
+    """log_every=0: read-backs at steps 3, 6 and the last (8); the one log at the end spans all 8 steps."""
+    monkeypatch.setattr(training, "SYNC_EVERY", 3)
+    cfg = _cfg(tmp_path, "eps", ["train.steps=8"])
+    real_step, real_sync, queued, synced_at = training._Run.train_step, training._Run.sync, [], []
+
+    def step(run):
+        stats = real_step(run)
+        queued.append(stats.clone())
+        return stats
+
+    def sync(run):
+        synced_at.append(run.step)
+        return real_sync(run)
+
+    monkeypatch.setattr(training._Run, "train_step", step)
+    monkeypatch.setattr(training._Run, "sync", sync)
+    res = training.train(cfg)
+    from diffusion.previews import read_metrics
+
+    m = read_metrics(res.run_dir / "metrics.jsonl")
+    assert synced_at == [3, 6, 8] and [r["step"] for r in m] == [8]
+    assert m[0]["loss"] == sum(torch.stack(queued)[:, 0].tolist()) / 8
