@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--overwrite", action="store_true",
                    help="reuse an output folder (and --grid/--npz files) that already exist; old samples are removed")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the network (backend default inductor; aot_eager for debugging)")
     return p
 
 
@@ -294,6 +296,8 @@ def run(args: argparse.Namespace) -> dict:
         model = model.with_guidance(args.cfg_scale)
     dtype = DTYPES[args.dtype]
     model.net.to(dtype)
+    if args.compile:  # in place: compiles on the first batch, later batches of the same shape reuse it
+        model.net.compile(backend=args.compile)
     shape = sample_shape(model)
     if one_step is None:
         check_budget(sampler, args.nfe, opts)

@@ -36,6 +36,9 @@ class DataConfig:
     resolution: Optional[int] = None  # None: the dataset's native size
     options: Dict[str, Any] = field(default_factory=dict)  # dataset-specific: hflip, download, channels, ...
     num_workers: int = 0  # DataLoader workers (0: read in the main process)
+    pin_memory: Optional[bool] = None  # page-locked batches for fast host-to-GPU copies (None: on when on CUDA)
+    persistent_workers: bool = False  # keep workers between iterators (needs num_workers > 0; one endless iterator here)
+    prefetch_factor: Optional[int] = None  # batches each worker loads ahead (None: torch's default, 2)
 
 
 @dataclass
@@ -82,6 +85,8 @@ class OptimConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine | linear (diffusers.optimization names), after warm-up
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    foreach: Optional[bool] = None  # multi-tensor AdamW (None: torch's choice, i.e. on for CUDA params)
+    fused: bool = False  # one fused AdamW kernel (CUDA/CPU); rounds differently from foreach, so off by default
 
 
 @dataclass
@@ -90,6 +95,7 @@ class EMAConfig:
 
     decay: float = 0.999
     warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n)): early averages forget the init
+    foreach: bool = True  # one multi-tensor lerp over all weights (same numbers as a per-tensor loop)
 
 
 @dataclass
@@ -109,6 +115,12 @@ class TrainConfig:
     overwrite: bool = False  # allow a fresh run into a run folder that already holds checkpoints
     time_limit_min: float = 0.0  # stop early (saving everything) after this many minutes; 0: no limit
     cpu_threads: int = 0  # torch intra-op threads (0: torch's default); 1 is far faster on a shared CPU
+    compile: bool = False  # torch.compile the network (training and preview sampling); first steps compile
+    compile_mode: Optional[str] = None  # torch.compile mode: default | reduce-overhead | max-autotune
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for debugging)
+    tf32: bool = False  # TF32 matmuls/convolutions on Ampere+ GPUs (faster fp32, ~1e-3 relative error)
+    channels_last: bool = False  # NHWC memory layout for image networks and batches (faster convs on GPUs)
+    cudnn_benchmark: bool = False  # let cuDNN time its conv algorithms for each new input shape
 
 
 @dataclass
@@ -142,11 +154,13 @@ CHOICES: dict[str, Sequence[str]] = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "optim.lr_schedule": ("constant", "cosine", "linear"),
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 #: keys that may change when a run is resumed; everything else must match the checkpoint's config
 RESUMABLE_CHANGES = ("name", "run_dir", "train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
                      "train.keep_last", "train.tensorboard", "train.overwrite", "train.cpu_threads",
-                     "train.time_limit_min", "data.num_workers", "data.root", "preview")
+                     "train.time_limit_min", "data.num_workers", "data.root", "data.pin_memory",
+                     "data.persistent_workers", "data.prefetch_factor", "preview")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +271,20 @@ def validate(cfg: DictConfig) -> DictConfig:
                 "optim.weight_decay", "optim.grad_clip", "model.num_classes", "data.num_workers", "train.cpu_threads",
                 "train.time_limit_min"):
         _positive(cfg, key, allow_zero=True)
+    if cfg.train.compile_mode is not None:
+        _choice(cfg, "train.compile_mode", COMPILE_MODES)
+    if cfg.train.compile and cfg.train.compile_backend != "inductor":
+        import torch._dynamo  # only when asked: the backend registry is torch's
+
+        _choice(cfg, "train.compile_backend", torch._dynamo.list_backends(exclude_tags=()))
+    if cfg.optim.fused and cfg.optim.foreach:
+        raise ConfigError("optim.fused=true and optim.foreach=true exclude each other; set one of them "
+                          "(optim.foreach=null lets torch choose)")
+    if cfg.data.persistent_workers and not cfg.data.num_workers:
+        raise ConfigError("data.persistent_workers=true needs data.num_workers > 0 (there are no workers to keep)")
+    if cfg.data.prefetch_factor is not None and (cfg.data.prefetch_factor <= 0 or not cfg.data.num_workers):
+        raise ConfigError(f"data.prefetch_factor={cfg.data.prefetch_factor} needs data.num_workers > 0 and a "
+                          f"positive value; got data.num_workers={cfg.data.num_workers}")
     if not 0.0 <= cfg.model.label_dropout <= 1.0:
         raise ConfigError(f"model.label_dropout must lie in [0, 1]; got {cfg.model.label_dropout}")
     if not 0.0 <= cfg.ema.decay < 1.0:

@@ -11,6 +11,7 @@ torch versions unpickle them fully on resume), and this project never unpickles.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,12 +19,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
@@ -50,10 +51,17 @@ SCALER_STATE = "scaler.json"
 FINISHED_MARKERS = (MODEL_NAME, EMA_NAME, "train_summary.json", "samples.json")
 METRICS = "metrics.jsonl"
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+_SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA)
+#: with logging off, the queued per-step statistics are still read (and checked) this often
+SYNC_EVERY = 1000
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient became NaN/Inf; raised before the optimizer step, so no weights are touched."""
+    """Training went NaN/Inf (a per-sample loss or the gradient); raised before anything is saved from it."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights or the EMA hold NaN/Inf although losses and gradients were finite (e.g. optim.lr=inf)."""
 
 
 @dataclass
@@ -104,11 +112,15 @@ def load_trainer_state(folder: Path, acc: Accelerator, ema: EMA, generator: torc
     return state
 
 
+def _span(first: int, last: int) -> str:
+    return f"step {last}" if first == last else f"steps {first}-{last}"
+
+
 def _checksum(net: torch.nn.Module) -> int:
     """A 63-bit hash of every parameter's bytes: equal on all ranks iff the replicas agree exactly."""
     h = hashlib.sha256()
     for p in net.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 1-D: NHWC-safe
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
@@ -151,7 +163,9 @@ def _optimizer(cfg: DictConfig, net: torch.nn.Module):
     from diffusers.optimization import get_scheduler
 
     o = cfg.optim
-    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    # foreach=None is torch's own choice (multi-tensor on CUDA); fused=None rather than False keeps that choice
+    opt = torch.optim.AdamW(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                            foreach=o.foreach, fused=True if o.fused else None)
     sched = get_scheduler(LR_SCHEDULES[o.lr_schedule], opt, num_warmup_steps=o.warmup_steps,
                           num_training_steps=cfg.train.steps)
     return opt, sched
@@ -175,16 +189,30 @@ class _Run:
 
         set_seed(tc.seed)  # identical initial weights on every process, whatever the world size
         net = build.build_network(cfg)
-        self.ema = EMA(net, cfg.ema.decay, cfg.ema.warmup)
+        # NHWC only where there are images; the EMA copy follows so its lerp reads matching layouts
+        self.channels_last = bool(tc.channels_last) and len(cfg.model.input_shape) == 3
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.ema = EMA(net, cfg.ema.decay, cfg.ema.warmup, foreach=cfg.ema.foreach)
         self.ema.net.to(acc.device)
         opt, sched = _optimizer(cfg, net)
         self.net, self.opt, self.sched = acc.prepare(net, opt, sched)
+        self.unwrapped = acc.unwrap_model(self.net)
+        if tc.compile:  # in place (nn.Module.compile): parameter names and state-dict keys stay unchanged
+            self.unwrapped.compile(mode=tc.compile_mode, backend=tc.compile_backend)
+            self.ema.net.compile(mode=tc.compile_mode, backend=tc.compile_backend)  # previews use the EMA weights
         self.model = build.build_score_model(cfg, self.net)
         self.objective = build.build_loss(cfg)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         set_seed(tc.seed, device_specific=True)  # dropout differs across processes, as their data does
         self.generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + acc.process_index)
         self.step = 0
+        # per-step [loss, non-finite samples, grad norm] stay on the device until ``sync`` reads them
+        self.stat_dtype = torch.float32 if acc.device.type == "mps" else torch.float64  # MPS has no float64
+        self.pending: list[torch.Tensor] = []
+        self.window: list[float] = []  # synced per-step losses (this process) since the last log
+        self.window_mean: list[float] = []  # the same, averaged over processes
+        self.last_loss, self.last_grad_norm = float("nan"), float("nan")
         if ckpt is not None:
             self._restore(ckpt)
         if self.step >= tc.steps:
@@ -197,8 +225,11 @@ class _Run:
                                     rank=acc.process_index, world_size=self.world)
         # its own generator: creating the iterator draws a worker seed, which must not consume the global
         # RNG (dropout's), or a resumed run would drift from an uninterrupted one
-        loader = DataLoader(self.dataset, batch_sampler=stream, num_workers=cfg.data.num_workers,
-                            pin_memory=acc.device.type == "cuda",
+        dc = cfg.data
+        pin = acc.device.type == "cuda" if dc.pin_memory is None else bool(dc.pin_memory)
+        extra = {} if dc.prefetch_factor is None else {"prefetch_factor": dc.prefetch_factor}
+        loader = DataLoader(self.dataset, batch_sampler=stream, num_workers=dc.num_workers, pin_memory=pin,
+                            persistent_workers=dc.persistent_workers, **extra,
                             generator=torch.Generator().manual_seed(tc.seed + self.step * 7919 + acc.process_index))
         self.batches = iter(loader)
 
@@ -253,69 +284,136 @@ class _Run:
         m = self.cfg.model
         if not m.num_classes:
             return None
-        return drop_labels(y.to(self.acc.device), m.label_dropout, m.num_classes, self.generator)
+        return drop_labels(y.to(self.acc.device, non_blocking=True), m.label_dropout, m.num_classes, self.generator)
 
-    def train_step(self) -> tuple[float, float]:
-        """Accumulate grad_accum micro-batches, check finiteness, clip, step; returns (loss, grad norm)."""
+    def train_step(self) -> torch.Tensor:
+        """Accumulate grad_accum micro-batches, clip, step, update the EMA; no host sync (see ``sync``).
+
+        Returns this step's ``[loss, non-finite per-sample losses, grad norm]`` as a device tensor and
+        queues it in ``self.pending``; nothing here reads a value back to the host, so a GPU never waits.
+        """
         acc, tc = self.acc, self.cfg.train
-        loss_total, bad_samples, grad_norm = 0.0, 0, float("nan")
+        loss_total = torch.zeros((), dtype=self.stat_dtype, device=acc.device)
+        bad = torch.zeros((), dtype=torch.int64, device=acc.device)
+        grad_norm = torch.full((), float("nan"), dtype=self.stat_dtype, device=acc.device)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf  # inf: measure, never clip
         for _ in range(tc.grad_accum):
             x0, y = next(self.batches)
             x0 = x0.to(acc.device, non_blocking=True)
+            if self.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
             labels = self._labels(y)
             with acc.accumulate(self.net):
                 per_sample = self.objective(self.model, x0, labels, self.generator)
                 loss = per_sample.mean()
                 acc.backward(loss)
-                bad_samples += int((~torch.isfinite(per_sample.detach())).sum())
-                loss_total += float(loss.detach()) / tc.grad_accum
+                detached = per_sample.detach()
+                bad += (~torch.isfinite(detached)).sum()
+                loss_total += loss.detach().to(self.stat_dtype) / tc.grad_accum
                 if acc.sync_gradients:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, clip))
-                    self._check_finite(bad_samples, grad_norm)
+                    grad_norm = self._clip_grad_norm(clip).detach().to(self.stat_dtype)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
         self.sched.step()
-        self.ema.update(acc.unwrap_model(self.net))
+        self.ema.update(self.unwrapped)
         self.step += 1
-        return loss_total, grad_norm
+        stats = torch.stack([loss_total, bad.to(self.stat_dtype), grad_norm])
+        self.pending.append(stats)
+        return stats
 
-    def _check_finite(self, bad_samples: int, grad_norm: float) -> None:
-        """Stop before the optimizer step when any per-sample loss (or the gradient) is NaN/Inf."""
-        # under fp16 an infinite gradient is an overflow that the GradScaler handles by skipping the step
-        bad = bad_samples > 0 or (not math.isfinite(grad_norm) and self.cfg.train.mixed_precision != "fp16")
-        if self.world > 1:  # every process must stop at the same step, not only the one that saw it
-            bad = bool(self.acc.reduce(torch.tensor([float(bad)], device=self.acc.device), "sum").item())
-        if bad:
-            last = list_checkpoints(self.run_dir / CHECKPOINTS)
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1}: {bad_samples} of {self.micro * self.cfg.train.grad_accum} "
-                f"per-sample losses on process {self.acc.process_index} are NaN/Inf (grad norm {grad_norm}); "
-                f"stopped before the optimizer step, no checkpoint written. Last good checkpoint: "
-                f"{last[-1][1] if last else 'none'}")
+    def _clip_grad_norm(self, clip: float) -> torch.Tensor:
+        """The global grad norm (a device tensor), clipping to ``clip`` unless it is inf.
+
+        Plain data parallelism needs nothing from accelerate here, so torch's functions are called
+        directly (accelerate's wrapper walks the modules looking for DTensors on every call); fp16's
+        gradient unscaling and sharded engines still go through ``Accelerator.clip_grad_norm_``.
+        """
+        acc = self.acc
+        if acc.scaler is not None or acc.distributed_type in _SHARDED:
+            return acc.clip_grad_norm_(self.params, clip)
+        if math.isinf(clip):  # measuring only: multiplying every gradient by 1.0 would change nothing
+            return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return torch.nn.utils.clip_grad_norm_(self.params, clip)
+
+    def _nonfinite_weights(self) -> torch.Tensor:
+        """[training-weight tensors, EMA tensors] holding a NaN/Inf, counted on the device (no sync)."""
+        def count(params: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([~torch.isfinite(p.detach()).all() for p in params]).sum()
+
+        return torch.stack([count(self.params), count(list(self.ema.net.parameters()))]).to(self.stat_dtype)
+
+    def sync(self) -> bool:
+        """Read the queued step statistics back (one transfer, one gather), check them, return the time flag.
+
+        Called at log, preview and checkpoint steps, the last step, the time limit and every
+        ``SYNC_EVERY`` steps otherwise; the same steps on every process. Raises ``NonFiniteLossError``
+        when a per-sample loss or the gradient was NaN/Inf in any step since the last sync, and
+        ``NonFiniteWeightsError`` when the weights or the EMA are, so nothing non-finite is ever saved.
+        """
+        acc, first = self.acc, self.step - len(self.pending) + 1
+        over = torch.tensor([float(self.out_of_time())], dtype=self.stat_dtype).to(acc.device)
+        local = torch.cat([torch.stack(self.pending).flatten() if self.pending else over[:0],
+                           self._nonfinite_weights(), over])
+        rows = (acc.gather(local[None]) if self.world > 1 else local[None]).cpu().tolist()  # the one sync
+        n = len(self.pending)
+        self.pending = []
+        for rank, row in enumerate(rows):
+            steps = [row[3 * i:3 * i + 3] for i in range(n)]
+            for i, (_, n_bad, gnorm) in enumerate(steps):
+                # under fp16 an infinite gradient is an overflow that the GradScaler handles by skipping the step
+                grad_bad = not math.isfinite(gnorm) and self.cfg.train.mixed_precision != "fp16"
+                if n_bad > 0 or grad_bad:
+                    self._raise_loss(first + i, int(n_bad), gnorm, rank, first)
+        for rank, row in enumerate(rows):
+            model_bad, ema_bad = int(row[3 * n]), int(row[3 * n + 1])
+            if model_bad or ema_bad:
+                raise NonFiniteWeightsError(
+                    f"non-finite weights after step {self.step} (checked at {_span(first, self.step)}; losses and "
+                    f"gradients were finite): {model_bad} of {len(self.params)} weight tensors and {ema_bad} EMA "
+                    f"tensors hold NaN/Inf on process {rank} with optim.lr={self.cfg.optim.lr}; nothing "
+                    f"written from them. {self._last_good()}")
+        mine = rows[acc.process_index]
+        self.window += [mine[3 * i] for i in range(n)]
+        self.window_mean += [sum(r[3 * i] for r in rows) / len(rows) for i in range(n)]
+        if n:
+            self.last_grad_norm = mine[3 * (n - 1) + 2]
+            self.last_loss = mine[3 * (n - 1)]
+        return any(r[-1] > 0 for r in rows)
+
+    def _last_good(self) -> str:
+        last = list_checkpoints(self.run_dir / CHECKPOINTS)
+        # every checkpoint is written right after a sync that found its weights and EMA finite
+        return f"Last checkpoint with finite weights: {last[-1][1] if last else 'none'}"
+
+    def _raise_loss(self, step: int, n_bad: int, grad_norm: float, rank: int, first: int) -> None:
+        window = f"{_span(first, self.step)} checked at step {self.step}"
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: {n_bad} of {self.micro * self.cfg.train.grad_accum} per-sample losses "
+            f"on process {rank} are NaN/Inf (grad norm {grad_norm}; {window}); stopped before saving, no checkpoint "
+            f"written from those weights. {self._last_good()}")
 
     def out_of_time(self) -> bool:
-        """Whether train.time_limit_min has passed (decided on the main process, shared with all)."""
+        """Whether train.time_limit_min has passed on this process's host clock (never a device sync).
+
+        With several processes the flags are combined inside ``sync`` so that all stop at the same step.
+        """
         limit = self.cfg.train.time_limit_min
-        if not limit:
-            return False
-        over = torch.tensor([float(time.perf_counter() - self.t_start > 60 * limit)], device=self.acc.device)
-        return bool(self.acc.reduce(over, "max").item()) if self.world > 1 else bool(over.item())
+        return bool(limit) and time.perf_counter() - self.t_start > 60 * limit
 
     # ---- outputs -------------------------------------------------------------------------------------
-    def log(self, losses: list[float], grad_norm: float, seconds: float) -> dict:
-        """Mean loss over the window (over processes too) to metrics.jsonl and TensorBoard."""
-        mean = float(sum(losses) / len(losses))
-        if self.world > 1:
-            mean = float(self.acc.reduce(torch.tensor([mean], device=self.acc.device), "mean"))
+    def log(self, seconds: float) -> dict:
+        """Mean loss over the synced window (over processes too) to metrics.jsonl and TensorBoard."""
+        steps = len(self.window)
+        mean = float(sum(self.window) / steps) if self.world == 1 else float(sum(self.window_mean) / steps)
         bs = self.cfg.train.batch_size
-        record = {"step": self.step, "loss": mean, "lr": self.sched.get_last_lr()[0], "grad_norm": grad_norm,
-                  "steps_per_s": len(losses) / seconds, "samples_per_s": len(losses) * bs / seconds,
+        record = {"step": self.step, "loss": mean, "lr": self.sched.get_last_lr()[0], "grad_norm": self.last_grad_norm,
+                  "steps_per_s": steps / seconds, "samples_per_s": steps * bs / seconds,
                   "epoch": self.step * bs / len(self.dataset), "elapsed_s": time.perf_counter() - self.t_start}
         if self.main:
             with open(self.run_dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        self.window, self.window_mean = [], []
         return record
 
     def preview(self, path: Path) -> Optional[Path]:
@@ -333,10 +431,13 @@ class _Run:
             x = self.sample_fn(model, n, list(cfg.model.input_shape), labels)
         return save_samples(x, path, title=f"{cfg.name}, step {self.step}")
 
-    def finish(self, last_loss: float) -> TrainResult:
+    def finish(self) -> TrainResult:
         """Final weights, config, pictures and a summary (with per-process parameter checksums)."""
         acc, run_dir = self.acc, self.run_dir
-        net = acc.unwrap_model(self.net)
+        if self.pending:  # the loop syncs on its last step; this only guards against a caller that did not
+            self.sync()
+        last_loss = self.last_loss
+        net = self.unwrapped
         checksums = acc.gather(torch.tensor([_checksum(net)], device=acc.device)).tolist()
         samples_png = loss_png = None
         if self.main:
@@ -360,34 +461,52 @@ def _loop(run: _Run) -> TrainResult:
               f"batch {tc.batch_size}, device {run.acc.device}, precision {tc.mixed_precision} -> {run.run_dir}")
     bar = tqdm(total=tc.steps, initial=run.step, disable=not run.main, desc=cfg.name, unit="step",
                dynamic_ncols=True)
-    window: list[float] = []
-    last_loss, t_window = float("nan"), time.perf_counter()
+    t_window = time.perf_counter()
     try:
         while run.step < tc.steps:
-            last_loss, grad_norm = run.train_step()
-            window.append(last_loss)
+            run.train_step()
             bar.update(1)
-            if (tc.log_every and run.step % tc.log_every == 0) or run.step == tc.steps:
-                record = run.log(window, grad_norm, time.perf_counter() - t_window)
+            step, last = run.step, run.step == tc.steps
+            log_now = bool(tc.log_every and step % tc.log_every == 0) or last
+            preview_now = bool(tc.sample_every and step % tc.sample_every == 0) and not last
+            ckpt_now = bool(tc.ckpt_every and step % tc.ckpt_every == 0)
+            # one process reads its own clock every step; several agree on it inside sync()
+            over = run.world == 1 and run.out_of_time()
+            if not (log_now or preview_now or ckpt_now or last or over or len(run.pending) >= SYNC_EVERY):
+                continue  # the common step: nothing was read back from the device
+            over = run.sync()  # the only host read: losses, NaN counts, grad norm, weight finiteness, clock
+            if log_now or (over and run.window):
+                record = run.log(time.perf_counter() - t_window)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                window, t_window = [], time.perf_counter()
-            if tc.sample_every and run.step % tc.sample_every == 0 and run.step < tc.steps:
+                t_window = time.perf_counter()
+            if preview_now and not over:
                 run.preview(run.run_dir / "previews" / f"step_{run.step:07d}.png")
                 run.acc.wait_for_everyone()
-            if tc.ckpt_every and run.step % tc.ckpt_every == 0:
-                run.checkpoint()
-            if run.out_of_time():
-                if window:
-                    run.log(window, grad_norm, time.perf_counter() - t_window)
-                if tc.ckpt_every and run.step % tc.ckpt_every:
-                    run.checkpoint()  # so the stopped run can be resumed from exactly here
+            if ckpt_now or (over and tc.ckpt_every):
+                run.checkpoint()  # a stopped run is resumable from exactly here
+            if over:
                 if run.main:
                     print(f"time limit of {tc.time_limit_min} min reached at step {run.step} of {tc.steps}; "
                           f"saving and stopping")
                 break
     finally:
         bar.close()
-    return run.finish(last_loss)
+    return run.finish()
+
+
+@contextlib.contextmanager
+def backend_flags(tf32: bool, cudnn_benchmark: bool) -> Iterator[None]:
+    """TF32 matmuls and cuDNN autotuning while the block runs; torch's process-wide settings are restored after."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
+    try:
+        if tf32:  # matmuls in TF32 ("high"); torch already lets cuDNN convolutions use TF32 by default
+            torch.set_float32_matmul_precision("high")
+        if cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
 
 
 def train(cfg: DictConfig, resume: Optional[str] = None, sample_fn: Optional[SampleFn] = None) -> TrainResult:
@@ -405,7 +524,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None, sample_fn: Optional[Sam
             raise ConfigError(f"train.mixed_precision={tc.mixed_precision} is not available on device "
                               f"{acc.device} (accelerate would silently train in float32); valid here: "
                               f"{'no, bf16' if acc.device.type == 'cpu' else 'no'}")
-        return _loop(_Run(acc, cfg, resume, sample_fn))
+        with backend_flags(tf32=tc.tf32, cudnn_benchmark=tc.cudnn_benchmark):
+            return _loop(_Run(acc, cfg, resume, sample_fn))
     finally:
         acc.end_training()
         # accelerate keeps its settings in process-wide singletons; reset them so a later train() in the

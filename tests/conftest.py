@@ -21,3 +21,16 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where a device-agnostic test (marked ``device``) puts its tensors: $UD_TEST_DEVICE, default cpu.
+
+    benchmarks/gpu_check.py runs ``pytest -m device`` with UD_TEST_DEVICE=cuda on a GPU machine.
+    """
+    name = os.environ.get("UD_TEST_DEVICE", "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"UD_TEST_DEVICE={name} but torch sees no CUDA device")
+    return dev
