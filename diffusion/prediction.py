@@ -1,7 +1,10 @@
 """Conversions among eps / x0 / v / score / velocity predictions for any (alpha, sigma).
 
 None of these assume a variance-preserving schedule (THEORY.md §2). Coefficients may be
-float64 scalars or per-sample tensors; ``expand`` broadcasts them against the data.
+Python floats (cached per grid level: no tensor is built) or float64 per-sample tensors;
+``expand`` broadcasts them against the data. How a network's input and output are scaled
+(EDM's c_in, c_skip, c_out) is a preconditioner (diffusion/preconditioning.py), not a
+parametrization: "edm" survives here only as a name for x0.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from functools import cached_property
 
 import torch
 
+#: what a network may predict; "edm" is ScoreModel's shorthand for EDM preconditioning with x0 output
 PARAMETRIZATIONS = ("eps", "x0", "v", "score", "velocity", "edm")
+#: the quantities a Prediction converts among
+KINDS = ("eps", "x0", "v", "score", "velocity")
 
 
 def check_parametrization(name: str) -> str:
@@ -20,8 +26,10 @@ def check_parametrization(name: str) -> str:
     return name
 
 
-def expand(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar or per-sample coefficient [B] against ``x`` [B, ...] in x's dtype."""
+def expand(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
+    """Broadcast a scalar or per-sample coefficient [B] against ``x`` [B, ...] in x's dtype (floats pass through)."""
+    if isinstance(coef, float):
+        return coef
     c = torch.as_tensor(coef, device=x.device)
     if c.ndim == 0:
         return c.to(x.dtype)
@@ -80,17 +88,26 @@ class Prediction:
 
     def __init__(self, x: torch.Tensor, native: torch.Tensor, kind: str, alpha, sigma, dalpha=None, dsigma=None):
         check_parametrization(kind)
+        kind = "x0" if kind == "edm" else kind
         if native.shape != x.shape:
             raise ValueError(f"prediction of shape {tuple(native.shape)} does not match x of shape {tuple(x.shape)}")
         self.x, self.native, self.kind = x, native, kind
         self.alpha, self.sigma, self.dalpha, self.dsigma = alpha, sigma, dalpha, dsigma
+
+    @classmethod
+    def exact(cls, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, dalpha=None,
+              dsigma=None) -> "Prediction":
+        """The true (x0, eps) behind x = alpha x0 + sigma eps, to read targets (v, velocity, ...) from."""
+        p = cls(x, x0, "x0", alpha, sigma, dalpha, dsigma)
+        p.__dict__["_x0_eps"] = (x0, eps)
+        return p
 
     @cached_property
     def _x0_eps(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, p, a, s = self.x, self.native, self.alpha, self.sigma
         if self.kind == "eps":
             return x0_from_eps(x, p, a, s), p
-        if self.kind in ("x0", "edm"):
+        if self.kind == "x0":
             return p, eps_from_x0(x, p, a, s)
         if self.kind == "v":
             return x0_eps_from_v(x, p, a, s)
@@ -111,7 +128,7 @@ class Prediction:
     @property
     def x0(self) -> torch.Tensor:
         """Denoised estimate E[x0 | x_t]."""
-        return self.native if self.kind in ("x0", "edm") else self._x0_eps[0]
+        return self.native if self.kind == "x0" else self._x0_eps[0]
 
     @property
     def eps(self) -> torch.Tensor:
@@ -141,18 +158,5 @@ class Prediction:
         return self.x0 if kind == "edm" else getattr(self, kind)
 
 
-# ---- EDM preconditioning (Karras et al. 2022), in the EDM view y = x / alpha ------------------
-
-
-def edm_precond(se: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Tensor, ...]:
-    """(c_skip, c_out, c_in, c_noise) for EDM noise level ``se`` = sigma/alpha."""
-    se = torch.as_tensor(se, dtype=torch.float64)
-    sd2 = sigma_data**2
-    denom = se**2 + sd2
-    return sd2 / denom, se * sigma_data / denom.sqrt(), 1 / denom.sqrt(), torch.log(se) / 4
-
-
-def edm_loss_weight(se: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """EDM's lambda(sigma) = (se^2 + sd^2)/(se sd)^2, which makes lambda c_out^2 = 1."""
-    se = torch.as_tensor(se, dtype=torch.float64)
-    return (se**2 + sigma_data**2) / (se * sigma_data) ** 2
+# EDM's coefficients moved to the preconditioner module; kept importable from here
+from .preconditioning import edm_loss_weight, edm_precond  # noqa: E402,F401

@@ -10,7 +10,6 @@ at t=1 (se=inf) with ``x_T = eps`` exactly; samplers that work in the EDM view b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -18,7 +17,6 @@ from typing import Optional, Union
 import torch
 
 from . import defaults, grids
-from .core import alpha_at
 from .mvt import load_predictor
 from .noise import GeneratorLike
 from .registry import nfe_of, spec, steps_for_nfe
@@ -105,9 +103,10 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
     if g[0] > top * (1 + 1e-6):
         raise ValueError(f"grid starts at se={g[0].item():.6g}, above the schedule's maximum {top:.6g} ({schedule.name})")
 
-    se0 = float(g[0])
-    sigma0 = float(schedule.sigma(schedule.t_max)) if math.isinf(se0) else alpha_at(schedule, se0) * se0
-    x_T = noise * sigma0
+    check = getattr(model, "check_labels", None)
+    if class_labels is not None and check is not None:
+        check(class_labels, noise.shape[0])  # once per call: the steps then pass the checked tensor unread
+    x_T = noise * float(schedule.levels(g[:1])[2])  # sigma at se_0 (the prior's sigma at se=inf)
     before = model.nfe
     x = s.fn(model, x_T, g, generator=generator, class_labels=class_labels, progress=progress, **opts)
     return SampleResult(x=x, nfe=model.nfe - before, grid=g, sampler=sampler)

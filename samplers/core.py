@@ -26,33 +26,39 @@ class NonFiniteError(FloatingPointError):
 
 
 def t_at(schedule: Schedule, se: float) -> float:
-    """The schedule time of EDM level ``se`` (0 -> t=0, inf -> t_max)."""
-    if se == 0:
-        return 0.0
-    if math.isinf(se):
-        return schedule.t_max
-    return float(schedule.t_of_sigma_edm(se))
+    """The schedule time of EDM level ``se`` (0 -> t=0, >= the prior's level -> t_max); see ``Schedule.levels``."""
+    return float(schedule.levels(se)[0])
 
 
 def alpha_at(schedule: Schedule, se: float) -> float:
     """alpha at EDM level ``se``: converts between x (model space) and y = x/alpha (EDM view)."""
-    return float(schedule.alpha(t_at(schedule, se)))
+    return float(schedule.levels(se)[1])
+
+
+def prepare(model, sig: list[float]) -> None:
+    """Cache the model's coefficients for every level of the grid at once (no host reads per step)."""
+    fn = getattr(model, "prepare_levels", None)
+    if fn is not None:
+        fn([se for se in sig if se > 0])
 
 
 def to_edm(model, x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """(y, grid as floats) for a sampler working in the EDM view; an infinite top becomes SE_CAP.
 
     ``x`` is the state at ``grid[0]`` in model space. At se=inf (flow, t=1) x is pure noise
-    sigma(t_max)*eps, and the same noise at the capped level is y = SE_CAP*eps.
+    sigma(t_max)*eps, and the same noise at the capped level is y = SE_CAP*eps (``Prior.edm_start``).
     """
     sig = check_grid(grid).tolist()
     if math.isinf(sig[0]):
         if sig[1] >= SE_CAP:
             raise ValueError(f"grid starts at inf and its next level {sig[1]:.6g} is >= SE_CAP={SE_CAP}; "
                              f"EDM-view samplers replace inf by SE_CAP")
-        sig[0] = SE_CAP
-        return x * (SE_CAP / float(model.schedule.sigma(model.schedule.t_max))), sig
-    return x / alpha_at(model.schedule, sig[0]), sig
+        sig[0], scale = model.schedule.prior.edm_start(SE_CAP)
+        y = x * scale
+    else:
+        y = x / alpha_at(model.schedule, sig[0])
+    prepare(model, sig)
+    return y, sig
 
 
 def from_edm(model, y: torch.Tensor, se: float) -> torch.Tensor:
@@ -80,13 +86,40 @@ def denoise_and_slope(D, y: torch.Tensor, se: float, analytic: bool = False) -> 
     return x0, (y - x0) / se
 
 
+class FiniteWatch:
+    """Non-finite values per step, kept on the device and read once when sampling ends (no per-step sync).
+
+    ``close`` raises NonFiniteError naming the first step that produced NaN/inf, with its count
+    (never drop samples silently); ``check_finite`` is the immediate one-off form.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, float, float, torch.Tensor]] = []
+
+    def add(self, y: torch.Tensor, i: int, se: float, se_next: float) -> None:
+        """Record the non-finite count per sample of ``y`` after step ``i`` (no host read)."""
+        per_sample = y[0].numel() if y.ndim > 0 else 1
+        finite = torch.isfinite(y).reshape(y.shape[0] if y.ndim > 0 else 1, -1).sum(1)
+        self.records.append((i, se, se_next, per_sample - finite))
+
+    def close(self) -> None:
+        """One host read for the whole run: raise NonFiniteError at the first step with NaN/inf."""
+        if not self.records:
+            return
+        records, self.records = self.records, []
+        bad = torch.stack([r[3] for r in records])  # [records, B] non-finite values per sample
+        totals = torch.stack([bad.sum(1), (bad > 0).sum(1)], 1).tolist()
+        for (i, se, sn, _), (n_bad, rows) in zip(records, totals):
+            if n_bad:
+                raise NonFiniteError(f"sampling produced {n_bad} non-finite values (in {rows} of {bad.shape[1]} "
+                                     f"samples) at step {i} (se {se:.6g} -> {sn:.6g})")
+
+
 def check_finite(y: torch.Tensor, i: int, se: float, se_next: float) -> None:
-    """Raise NonFiniteError counting the NaN/inf values after step ``i`` (never drop samples silently)."""
-    bad = ~torch.isfinite(y)
-    if bad.any():
-        rows = int(bad.reshape(y.shape[0], -1).any(1).sum()) if y.ndim > 0 else 1
-        raise NonFiniteError(f"sampling produced {int(bad.sum())} non-finite values (in {rows} of {y.shape[0]} "
-                             f"samples) at step {i} (se {se:.6g} -> {se_next:.6g})")
+    """Raise NonFiniteError counting the NaN/inf values after step ``i`` (reads the device once)."""
+    w = FiniteWatch()
+    w.add(y, i, se, se_next)
+    w.close()
 
 
 def _is_main_process() -> bool:
@@ -102,16 +135,20 @@ def steps(sig: list[float], progress: bool = False, desc: str = "sampling") -> I
     return tqdm(range(n), desc=desc, leave=False)
 
 
-def report(callback: Callback, i: int, sig: list[float], y: torch.Tensor, x0_hat: Optional[torch.Tensor]) -> None:
-    """After step i: check y is finite, then call ``callback(dict(i, se, se_next, y, x0_hat))``.
+def report(callback: Callback, i: int, sig: list[float], y: torch.Tensor, x0_hat: Optional[torch.Tensor],
+           watch: Optional[FiniteWatch] = None) -> None:
+    """After step i: record y's finiteness in ``watch`` (or check it now), then call ``callback(dict(...))``.
 
     ``y`` is the state *after* the step (at ``se_next``, EDM view); ``x0_hat`` the denoiser output
     at ``se`` (the analytic one for an AFS step).
     """
-    check_finite(y, i, sig[i], sig[i + 1])
+    if watch is None:
+        check_finite(y, i, sig[i], sig[i + 1])
+    else:
+        watch.add(y, i, sig[i], sig[i + 1])
     if callback is not None:
         callback(dict(i=i, se=sig[i], se_next=sig[i + 1], y=y, x0_hat=x0_hat))
 
 
-__all__ = ["NonFiniteError", "t_at", "alpha_at", "to_edm", "from_edm", "denoiser", "afs_slope", "check_finite",
+__all__ = ["NonFiniteError", "FiniteWatch", "prepare", "t_at", "alpha_at", "to_edm", "from_edm", "denoiser", "afs_slope", "check_finite",
            "steps", "report", "Callback", "Denoiser"]

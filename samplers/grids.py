@@ -28,9 +28,9 @@ SE_LAST = 0.002
 
 
 def top_sigma(schedule: Schedule) -> float:
-    """The schedule's largest EDM sigma, capped at ``SE_CAP`` when it is infinite (flow)."""
-    top = schedule.sigma_edm_max
-    return SE_CAP if not math.isfinite(top) else top
+    """The schedule's largest EDM sigma (its prior's), capped at ``SE_CAP`` (flow's is infinite)."""
+    top = schedule.prior.sigma_edm
+    return SE_CAP if math.isinf(top) else top
 
 
 def default_se_last(schedule: Optional[Schedule]) -> float:
