@@ -44,23 +44,37 @@ def expand(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
     return c.to(x.dtype)
 
 
+def _floats(*coefs) -> bool:
+    # Python-float coefficients (a cached grid level): fused kernels, x + c*y in one pass over the data
+    return all(isinstance(c, float) for c in coefs)
+
+
 def x0_from_eps(x, eps, alpha, sigma):
     """x0 = (x - sigma eps) / alpha."""
+    if _floats(alpha, sigma):
+        return torch.add(x, eps, alpha=-sigma).div_(alpha)
     return (x - expand(sigma, x) * eps) / expand(alpha, x)
 
 
 def eps_from_x0(x, x0, alpha, sigma):
     """eps = (x - alpha x0) / sigma."""
+    if _floats(alpha, sigma):
+        return torch.add(x, x0, alpha=-alpha).div_(sigma)
     return (x - expand(alpha, x) * x0) / expand(sigma, x)
 
 
 def v_from(x0, eps, alpha, sigma):
     """v = alpha eps - sigma x0."""
+    if _floats(alpha, sigma):
+        return torch.mul(eps, alpha).sub_(x0, alpha=sigma)
     return expand(alpha, x0) * eps - expand(sigma, x0) * x0
 
 
 def x0_eps_from_v(x, v, alpha, sigma):
     """Invert v: x0 = (alpha x - sigma v)/(alpha^2+sigma^2), eps = (sigma x + alpha v)/(alpha^2+sigma^2)."""
+    if _floats(alpha, sigma):
+        n = alpha * alpha + sigma * sigma
+        return torch.mul(x, alpha).sub_(v, alpha=sigma).div_(n), torch.mul(x, sigma).add_(v, alpha=alpha).div_(n)
     a, s = expand(alpha, x), expand(sigma, x)
     n = a * a + s * s
     return (a * x - s * v) / n, (s * x + a * v) / n
@@ -68,16 +82,24 @@ def x0_eps_from_v(x, v, alpha, sigma):
 
 def score_from_eps(eps, sigma):
     """score = -eps / sigma."""
+    if _floats(sigma):
+        return eps / -sigma
     return -eps / expand(sigma, eps)
 
 
 def velocity_from(x0, eps, dalpha, dsigma):
     """PF-ODE velocity dx/dt = dalpha x0 + dsigma eps."""
+    if _floats(dalpha, dsigma):
+        return torch.mul(x0, dalpha).add_(eps, alpha=dsigma)
     return expand(dalpha, x0) * x0 + expand(dsigma, x0) * eps
 
 
 def x0_eps_from_velocity(x, vel, alpha, sigma, dalpha, dsigma):
     """Solve x = a x0 + s eps, vel = a' x0 + s' eps for (x0, eps)."""
+    if _floats(alpha, sigma, dalpha, dsigma):
+        det = alpha * dsigma - sigma * dalpha
+        return (torch.mul(x, dsigma).sub_(vel, alpha=sigma).div_(det),
+                torch.mul(vel, alpha).sub_(x, alpha=dalpha).div_(det))
     a, s, da, ds = (expand(c, x) for c in (alpha, sigma, dalpha, dsigma))
     det = a * ds - s * da
     return (ds * x - s * vel) / det, (a * vel - da * x) / det
@@ -112,7 +134,7 @@ class Prediction:
         if self.kind == "v":
             return x0_eps_from_v(x, p, a, s)
         if self.kind == "score":
-            eps = -expand(s, x) * p
+            eps = p * -s if isinstance(s, float) else -expand(s, x) * p
             return x0_from_eps(x, eps, a, s), eps
         return x0_eps_from_velocity(x, p, a, s, self._d("dalpha"), self._d("dsigma"))
 

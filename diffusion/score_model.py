@@ -84,6 +84,7 @@ class ScoreModel(nn.Module):
         self.nfe = 0
         self._levels: dict[float, Level] = {}
         self._t_of_se: dict[float, float] = {}
+        self._c_noise: dict[tuple, torch.Tensor] = {}
         self._levels_for: tuple = (schedule, preconditioner)
         self._labels_ok: Optional[weakref.ref] = None
 
@@ -104,11 +105,12 @@ class ScoreModel(nn.Module):
     # ---- per-level coefficient cache -------------------------------------------------------------
     def _cache(self) -> dict[float, Level]:
         if self._levels_for[0] is not self.schedule or self._levels_for[1] is not self.preconditioner:
-            self._levels, self._t_of_se = {}, {}  # schedule or preconditioner swapped: recompute
+            self._levels, self._t_of_se, self._c_noise = {}, {}, {}  # schedule/preconditioner swapped: recompute
             self._levels_for = (self.schedule, self.preconditioner)
-        if len(self._levels) > MAX_LEVELS:
+        if len(self._levels) > MAX_LEVELS or len(self._c_noise) > MAX_LEVELS:
             self._levels.clear()
             self._t_of_se.clear()
+            self._c_noise.clear()
         return self._levels
 
     def prepare_times(self, ts: Sequence[float]) -> None:
@@ -188,7 +190,7 @@ class ScoreModel(nn.Module):
         return self.check_labels(class_labels, batch)
 
     def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        self.nfe += 1
+        self.__dict__["nfe"] += 1  # nn.Module.__setattr__ costs a few isinstance checks per call
         c_noise = c_noise.to(x_in.dtype)
         if labels is None:
             return self.net(x_in, c_noise) if self.num_classes == 0 else self.net(x_in, c_noise, None)
@@ -207,7 +209,10 @@ class ScoreModel(nn.Module):
         labels = self._labels(class_labels, x.shape[0])
         if isinstance(t, (float, int)):
             lv = self._level(float(t))
-            c_noise = torch.full((x.shape[0],), lv.c_noise, dtype=x.dtype, device=x.device)
+            key = (lv.c_noise, x.shape[0], x.dtype, x.device)
+            c_noise = self._c_noise.get(key)
+            if c_noise is None:  # one small tensor per (level, batch), reused by every later call
+                c_noise = self._c_noise[key] = torch.full((x.shape[0],), lv.c_noise, dtype=x.dtype, device=x.device)
             f = self._guided(x if lv.c_in is None else x * lv.c_in, c_noise, labels)
             native = f if lv.c_out is None else x * lv.c_skip + f * lv.c_out
             return Prediction(x, native, self.kind, lv.alpha, lv.sigma, lv.dalpha, lv.dsigma)

@@ -42,7 +42,7 @@ def adaptive(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
         x0 = D(y, nonzero[-1])
         report(callback, len(sig) - 2, sig, x0, x0, watch)
         y = x0
-    watch.close()
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 

@@ -10,6 +10,7 @@ at t=1 (se=inf) with ``x_T = eps`` exactly; samplers that work in the EDM view b
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -17,6 +18,7 @@ from typing import Optional, Union
 import torch
 
 from . import defaults, grids
+from .core import level_at
 from .mvt import load_predictor
 from .noise import GeneratorLike
 from .registry import nfe_of, spec, steps_for_nfe
@@ -40,7 +42,18 @@ def default_grid(sampler: str, n: int, schedule, kind: Optional[str] = None, **g
         kind = defaults.GRID["kind"]
         params.update(grid_opts)
         grid_opts = params
-    return grids.make(kind, n, schedule, **grid_opts)
+    try:
+        key = tuple(sorted(grid_opts.items()))
+        hash(key)
+    except TypeError:  # unhashable options (lists, tensors): build it afresh
+        return grids.make(kind, n, schedule, **grid_opts)
+    return _cached_grid(kind, n, schedule, key).clone()
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_grid(kind: str, n: int, schedule, key: tuple) -> torch.Tensor:
+    """Grids are pure functions of (family, n, schedule, options): built once, cloned per call."""
+    return grids.make(kind, n, schedule, **dict(key))
 
 
 def _check_options(name: str, opts: dict) -> None:
@@ -106,7 +119,7 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
     check = getattr(model, "check_labels", None)
     if class_labels is not None and check is not None:
         check(class_labels, noise.shape[0])  # once per call: the steps then pass the checked tensor unread
-    x_T = noise * float(schedule.levels(g[:1])[2])  # sigma at se_0 (the prior's sigma at se=inf)
+    x_T = noise * level_at(schedule, float(g[0]))[2]  # sigma at se_0 (the prior's sigma at se=inf)
     before = model.nfe
     x = s.fn(model, x_T, g, generator=generator, class_labels=class_labels, progress=progress, **opts)
     return SampleResult(x=x, nfe=model.nfe - before, grid=g, sampler=sampler)

@@ -25,9 +25,9 @@ def flow_euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generat
     sig, ts, alphas = times(model, grid)
     watch = FiniteWatch()
     for i in steps(sig, progress, "flow_euler"):
-        x, x0 = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels)
-        report_x(callback, i, sig, x, alphas[i + 1], x0, watch)
-    watch.close()
+        x, pred = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels, lazy=True)
+        report_x(callback, i, sig, x, alphas[i + 1], None if callback is None else pred.x0, watch)
+    watch.close(x)
     return x
 
 

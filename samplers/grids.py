@@ -67,14 +67,15 @@ def check_grid(grid: torch.Tensor, what: str = "grid") -> torch.Tensor:
     g = torch.as_tensor(grid, dtype=torch.float64)
     if g.ndim != 1 or g.numel() < 2:
         raise ValueError(f"{what} must be a 1-D sequence of at least 2 noise levels; got shape {tuple(g.shape)}")
-    if torch.isnan(g).any():
-        raise ValueError(f"{what} contains NaN: {g.tolist()}")
-    if torch.isinf(g[1:]).any() or (g < 0).any():
-        raise ValueError(f"{what} must be >= 0 and finite (only the first point may be inf); got {g.tolist()}")
-    if not (g[1:] < g[:-1]).all():
-        i = int(torch.nonzero(g[1:] >= g[:-1])[0])
-        raise ValueError(f"{what} must strictly decrease (high noise -> low); got se[{i}]={g[i].item():.6g} <= "
-                         f"se[{i + 1}]={g[i + 1].item():.6g}")
+    v = g.tolist()  # one read, then plain Python: a grid has tens of points
+    if any(math.isnan(x) for x in v):
+        raise ValueError(f"{what} contains NaN: {v}")
+    if any(math.isinf(x) for x in v[1:]) or any(x < 0 for x in v):
+        raise ValueError(f"{what} must be >= 0 and finite (only the first point may be inf); got {v}")
+    for i in range(len(v) - 1):
+        if not v[i + 1] < v[i]:
+            raise ValueError(f"{what} must strictly decrease (high noise -> low); got se[{i}]={v[i]:.6g} <= "
+                             f"se[{i + 1}]={v[i + 1]:.6g}")
     return g
 
 

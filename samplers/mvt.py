@@ -211,7 +211,7 @@ def mvt(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike 
             rr, cc, aa = r, c, a
         y, _ = mvt_step(model, y, se, sn, rr, cc, aa, x0_c=x0, class_labels=class_labels)
         report(callback, i, sig, y, x0, watch)
-    watch.close()
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 

@@ -53,9 +53,9 @@ def euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
         y, se = churn(y, sig[i], len(sig) - 1, s_churn, s_min, s_max, s_noise, generator,
                       model.schedule.sigma_edm_max)
         x0, d = denoise_and_slope(D, y, se, afs and i == 0)
-        y = x0 if sig[i + 1] == 0 else y + (sig[i + 1] - se) * d
+        y = x0 if sig[i + 1] == 0 else torch.add(y, d, alpha=sig[i + 1] - se)
         report(callback, i, sig, y, x0, watch)
-    watch.close()
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
@@ -79,7 +79,7 @@ def heun(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike
             d2 = (y - D(y, sn)) / sn
             y = y_hat + (sn - se) * (d + d2) / 2
         report(callback, i, sig, y, x0, watch)
-    watch.close()
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
@@ -102,11 +102,11 @@ def dpmpp_2m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
             x0_d = x0
             if x0_prev is not None:
                 r = math.log(sig[i - 1] / se) / h  # previous step size over this one, in half-logSNR
-                x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            y = (sn / se) * y - math.expm1(-h) * x0_d
+                x0_d = torch.mul(x0, 1 + 1 / (2 * r)).sub_(x0_prev, alpha=1 / (2 * r))
+            y = torch.mul(y, sn / se).sub_(x0_d, alpha=math.expm1(-h))
         x0_prev = x0
         report(callback, i, sig, y, x0, watch)
-    watch.close()
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
@@ -127,10 +127,12 @@ def ipndm(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
         x0, d = denoise_and_slope(D, y, se, afs and i == 0)
         history = [d, *history[: order - 1]]
         weights = AB_WEIGHTS[len(history)]
-        d_hat = sum(w * h for w, h in zip(weights, history))
-        y = y + (sn - se) * d_hat
+        d_hat = history[0] * weights[0] if len(history) > 1 else history[0]
+        for w, h in zip(weights[1:], history[1:]):
+            d_hat = d_hat.add_(h, alpha=w)
+        y = torch.add(y, d_hat, alpha=sn - se)
         report(callback, i, sig, y, x0, watch)
-    watch.close()
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 

@@ -6,6 +6,7 @@ se=inf (t=1 of the flow schedule) exactly. The step to se=0 is a noise-free x0 r
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Union
 
@@ -21,13 +22,18 @@ EtaLike = Union[float, Callable[[float], float]]
 
 def levels(model, grid: torch.Tensor) -> tuple[list[float], list[float], list[float], list[float]]:
     """(grid as floats, times, alphas, sigmas) of a grid of EDM sigmas, read once; the model caches them too."""
-    g = check_grid(grid)
-    ts, alphas, sigmas = model.schedule.levels(g)
-    rows = torch.stack([g, ts, alphas, sigmas]).tolist()
+    rows = _grid_levels(model.schedule, tuple(check_grid(grid).tolist()))
     prep = getattr(model, "prepare_times", None)
     if prep is not None:
         prep([t for t, se in zip(rows[1], rows[0]) if se > 0])
     return rows[0], rows[1], rows[2], rows[3]
+
+
+@functools.lru_cache(maxsize=1024)
+def _grid_levels(schedule, sig: tuple[float, ...]) -> tuple[list[float], ...]:
+    """(se, t, alpha, sigma) rows of a grid, one host read per (schedule, grid), remembered."""
+    g = torch.tensor(sig, dtype=torch.float64)
+    return tuple(torch.stack([g, *schedule.levels(g)]).tolist())
 
 
 def times(model, grid: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
@@ -69,12 +75,12 @@ def ddim(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike
             s_s = a_s * sn  # sigma_s, from the EDM level so that se=0 means exactly no noise
             ratio2 = (sn / se) ** 2  # exp(lam_t - lam_s); 0 at se = inf
             c = eta * s_s * math.sqrt(1 - ratio2)
-            x = a_s * x0 + math.sqrt(max(s_s**2 - c**2, 0.0)) * eps
+            x = torch.mul(x0, a_s).add_(eps, alpha=math.sqrt(max(s_s**2 - c**2, 0.0)))
             std = c if variance == "posterior" else eta * math.sqrt(max(1 - (alphas[i] / a_s) ** 2, 0.0))
             if std > 0:
                 x = x + std * randn_like(x, generator)
         report_x(callback, i, sig, x, a_s, x0, watch)
-    watch.close()
+    watch.close(x)
     return x
 
 
@@ -103,19 +109,20 @@ def _etas(eta: EtaLike, model, ts: list[float]) -> list[float]:
 
 
 def sde_step(model, x: torch.Tensor, t: float, t_next: float, eta_t: float, generator: GeneratorLike,
-             class_labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+             class_labels: Optional[torch.Tensor], lazy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One Euler-Maruyama step of the reverse-SDE family (THEORY §4.4); returns (x_next, x0_hat).
 
     ``x - h [f x - (g^2 + eta_t^2)/2 score] + eta_t sqrt(h) z`` written as ``velocity - eta_t^2/2 score``
     (velocity = f x - g^2/2 score is the PF-ODE drift), which stays finite at t=1 of the flow schedule.
+    ``lazy=True`` returns the Prediction instead of x0_hat (a sampler without a callback never needs x0).
     """
     pred = model(x, t, class_labels)
     h = t - t_next
     drift = pred.velocity if eta_t == 0 else pred.velocity - 0.5 * eta_t**2 * pred.score
-    x = x - h * drift
+    x = torch.add(x, drift, alpha=-h)
     if eta_t > 0:
         x = x + eta_t * math.sqrt(h) * randn_like(x, generator)
-    return x, pred.x0
+    return x, (pred if lazy else pred.x0)
 
 
 @register("euler_maruyama", nfe=lambda n, **_: n, rule="n", grid="uniform_t", stochastic=True)
@@ -136,7 +143,7 @@ def euler_maruyama(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Gen
         else:
             x, x0 = sde_step(model, x, ts[i], ts[i + 1], etas[i], generator, class_labels)
         report_x(callback, i, sig, x, alphas[i + 1], x0, watch)
-    watch.close()
+    watch.close(x)
     return x
 
 
@@ -190,7 +197,7 @@ def pc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike =
             watch.add(x, i, sig[i], sig[i])
         x, x0 = sde_step(model, x, ts[i], ts[i + 1], etas[i], generator, class_labels)
         report_x(callback, i, sig, x, alphas[i + 1], x0, watch)
-    watch.close()
+    watch.close(x)
     return x
 
 
