@@ -249,9 +249,12 @@ class ScoreModel(nn.Module):
             if t is None:
                 t = self.prepare_levels([se])[0]
             lv = self._level(t)
-            return self.forward(y * lv.alpha, t, class_labels).x0
+            pred = self.forward(y * lv.alpha, t, class_labels)
+            # an eps network's x0 = (x - sigma eps)/alpha is y - se eps in the EDM view: one pass, not two
+            return torch.add(y, pred.native, alpha=-se) if self.kind == "eps" and se > 0 else pred.x0
         with trusted_times():
             se = torch.as_tensor(se, dtype=torch.float64, device=y.device)
             t = self.schedule.t_of_sigma_edm(se)
             x = y * expand(self.schedule.alpha(t), y)
-        return self.forward(x, t, class_labels).x0
+        pred = self.forward(x, t, class_labels)
+        return y - expand(se, y) * pred.native if self.kind == "eps" else pred.x0
