@@ -15,11 +15,12 @@ one torch thread. Each repetition runs ours and diffusers back to back (alternat
 first); the ratio is the median over repetitions of ours/diffusers within a repetition, so the
 load drift of a shared machine cancels.
 Host reads per call (tensor-to-Python conversions: ``bool``/``item``/``float``/``int``/``tolist``,
-each a device sync on a GPU) are counted in one extra run of each loop. Target: ours <= 1.0x
+each a device sync on a GPU) and top-level ATen operator calls per call (torch.profiler; each a
+kernel launch on a GPU) are counted in extra runs of each loop: counts, immune to machine load. Target: ours <= 1.0x
 diffusers' per-call overhead for every pair. Nothing here was tuned on these exact settings'
 numbers beyond removing work (caching per-grid coefficients, Python-float scalars).
 
-    python benchmarks/hot_path.py [--nfe 10] [--reps 15] [--threads 1] [--quick]
+    python benchmarks/hot_path.py [--nfe 10] [--reps 41] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -131,6 +132,15 @@ def diffusers_loop(cls_name: str, kw: dict, nfe: int, noise: torch.Tensor) -> Ca
     return run
 
 
+def aten_ops(run: Callable[[], int]) -> float:
+    """Top-level ATen operator calls per network call in one run (a count, immune to machine load)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        n = run()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None) / n
+
+
 def per_call(run: Callable[[], int]) -> tuple[float, int]:
     """(seconds per network call for one whole run, NFE)."""
     t0 = time.perf_counter()
@@ -147,13 +157,14 @@ def sampler_rows(nfe: int, reps: int) -> tuple[list[dict], list[Target]]:
             runs = {"ours": ours_loop(ours_name, schedule, param, nfe, noise),
                     "diffusers": diffusers_loop(cls_name, kw, nfe, noise)}
             times: dict[str, list[float]] = {k: [] for k in runs}
-            nfes, reads = {}, {}
+            nfes, reads, ops = {}, {}, {}
             with torch.no_grad():
                 for side, run in runs.items():
                     run()  # warm-up: imports, first-call caches, oneDNN
                     with host_reads() as n:
                         nfes[side] = run()
                     reads[side] = n[0] / nfes[side]
+                    ops[side] = aten_ops(run)
                 ratios = []
                 for rep in range(reps):
                     order = list(runs) if rep % 2 == 0 else list(runs)[::-1]  # alternate who goes first
@@ -165,14 +176,15 @@ def sampler_rows(nfe: int, reps: int) -> tuple[list[dict], list[Target]]:
             ratio = statistics.median(ratios)
             row = {"batch": batch, "ours": ours_name, "diffusers": cls_name, "schedule": schedule, "nfe": nfes,
                    "ours_us_per_call": 1e6 * med["ours"], "diffusers_us_per_call": 1e6 * med["diffusers"],
-                   "ratio": ratio, "ratio_range": [min(ratios), max(ratios)], "host_reads_per_call": reads, "reps": reps,
+                   "ratio": ratio, "ratio_range": [min(ratios), max(ratios)], "host_reads_per_call": reads, "aten_ops_per_call": ops, "reps": reps,
                    "ours_range_us": [1e6 * min(times["ours"]), 1e6 * max(times["ours"])],
                    "diffusers_range_us": [1e6 * min(times["diffusers"]), 1e6 * max(times["diffusers"])]}
             results.append(row)
             targets.append(Target(f"{ours_name} vs {cls_name}, batch {batch}", ratio, TARGET))
             print(f"batch {batch:2d} {ours_name:10s} {1e6 * med['ours']:8.1f} us/call  {cls_name:32s} "
                   f"{1e6 * med['diffusers']:8.1f} us/call  ratio {ratio:.3f}  host reads/call "
-                  f"{reads['ours']:.2f} vs {reads['diffusers']:.2f}", flush=True)
+                  f"{reads['ours']:.2f} vs {reads['diffusers']:.2f}  aten ops/call {ops['ours']:.1f} vs {ops['diffusers']:.1f}",
+                  flush=True)
     return results, targets
 
 
@@ -189,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Measure and write benchmarks/results/hot_path.{md,json}."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nfe", type=int, default=10)
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=41)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="3 repetitions, nothing written unless --write")
     ap.add_argument("--write", action="store_true")
@@ -212,19 +224,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                       "targets": [t.as_dict() for t in targets]})
     rows = [[r["batch"], r["ours"], r["diffusers"], r["ours_us_per_call"], r["diffusers_us_per_call"], r["ratio"],
              f"{r['ratio_range'][0]:.2f}..{r['ratio_range'][1]:.2f}",
-             f"{r['host_reads_per_call']['ours']:.2f} / {r['host_reads_per_call']['diffusers']:.2f}"] for r in results]
+             f"{r['host_reads_per_call']['ours']:.2f} / {r['host_reads_per_call']['diffusers']:.2f}",
+             f"{r['aten_ops_per_call']['ours']:.1f} / {r['aten_ops_per_call']['diffusers']:.1f}"] for r in results]
     md = [f"# Hot path: overhead per network call outside the network, ours vs diffusers (CPU, {args.threads} thread)", "",
           f"Generated by `python benchmarks/hot_path.py` (zero-cost network that returns a fixed unit-noise tensor; {SHAPE[0]}x{SHAPE[1]}x"
           f"{SHAPE[2]} float32; NFE {args.nfe}; a whole sampling call divided by its NFE; ratio = median over "
           f"{args.reps} repetitions of ours/diffusers run back to back; torch {env['torch']}, diffusers {env['diffusers']}). Ours: `samplers.sample` "
           "(grid, validation, ScoreModel, coefficients, update, finiteness bookkeeping); diffusers: `set_timesteps` + "
           "`scale_model_input` + `step` with the scheduler built once. `ipndm` is paired with UniPC (both one-call "
-          "multistep; we have no UniPC). Host reads = tensor-to-Python conversions per call (each a device sync on a GPU). "
+          "multistep; we have no UniPC). Host reads = tensor-to-Python conversions per call (each a device sync on a GPU); "
+          "ATen ops = top-level operator calls per call (torch.profiler), a count that machine load cannot blur. "
           f"Target: ratio <= {TARGET}.", "", "## Targets", ""]
     md += [f"- {t.line()}" for t in targets]
     md += ["", "## Samplers", "",
            markdown_table(["batch", "ours", "diffusers", "ours us/call (median)", "diffusers us/call (median)",
-                           "ratio (median of paired)", "ratio range", "host reads/call (ours / diffusers)"], rows)]
+                           "ratio (median of paired)", "ratio range", "host reads/call (ours / diffusers)",
+                           "ATen ops/call (ours / diffusers)"], rows)]
     md += ["", "## Trainer", "", "Trainer overhead per step vs a bare loop: see `trainer_rows` in this file "
            "(filled by the trainer work) and `benchmarks/results/train_overhead.md`."] if not t_rows else []
     write_markdown(NAME, "\n".join(md))

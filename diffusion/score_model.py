@@ -191,7 +191,8 @@ class ScoreModel(nn.Module):
 
     def _net(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         self.__dict__["nfe"] += 1  # nn.Module.__setattr__ costs a few isinstance checks per call
-        c_noise = c_noise.to(x_in.dtype)
+        if c_noise.dtype != x_in.dtype:
+            c_noise = c_noise.to(x_in.dtype)
         if labels is None:
             return self.net(x_in, c_noise) if self.num_classes == 0 else self.net(x_in, c_noise, None)
         return self.net(x_in, c_noise, labels)

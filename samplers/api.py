@@ -112,14 +112,14 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
         if nfe is not None and s.nfe is not None and nfe_of(sampler, g.numel() - 1, **opts) != nfe:
             raise ValueError(f"the grid has {g.numel() - 1} steps, which cost {nfe_of(sampler, g.numel() - 1, **opts)} "
                              f"NFE with {sampler!r}, not the nfe={nfe} asked for")
-    top = schedule.sigma_edm_max
-    if g[0] > top * (1 + 1e-6):
-        raise ValueError(f"grid starts at se={g[0].item():.6g}, above the schedule's maximum {top:.6g} ({schedule.name})")
+    top, se0 = schedule.prior.sigma_edm, g[0].item()
+    if se0 > top * (1 + 1e-6):
+        raise ValueError(f"grid starts at se={se0:.6g}, above the schedule's maximum {top:.6g} ({schedule.name})")
 
     check = getattr(model, "check_labels", None)
     if class_labels is not None and check is not None:
         check(class_labels, noise.shape[0])  # once per call: the steps then pass the checked tensor unread
-    x_T = noise * level_at(schedule, float(g[0]))[2]  # sigma at se_0 (the prior's sigma at se=inf)
+    x_T = noise * level_at(schedule, se0)[2]  # sigma at se_0 (the prior's sigma at se=inf)
     before = model.nfe
     x = s.fn(model, x_T, g, generator=generator, class_labels=class_labels, progress=progress, **opts)
     return SampleResult(x=x, nfe=model.nfe - before, grid=g, sampler=sampler)

@@ -107,10 +107,11 @@ class FiniteWatch:
 
     def add(self, y: torch.Tensor, i: int, se: float, se_next: float) -> None:
         """Record the per-sample sum of ``y`` after step ``i`` (one reduction, no host read)."""
-        flat = y.reshape(y.shape[0] if y.ndim > 0 else 1, -1)
+        if y.ndim < 2:
+            y = y.reshape(-1, 1)
         # half types accumulate in float32, so a large but finite state cannot overflow the check
         acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else None
-        self.records.append((i, se, se_next, flat.sum(1, dtype=acc)))
+        self.records.append((i, se, se_next, y.sum(dim=tuple(range(1, y.ndim)), dtype=acc)))
 
     def close(self, final: torch.Tensor) -> None:
         """One host read for the whole run; on NaN/inf raise NonFiniteError naming the first bad step."""
