@@ -96,7 +96,7 @@ def denoise_and_slope(D, y: torch.Tensor, se: float, analytic: bool = False) -> 
 class FiniteWatch:
     """Finiteness per step, kept on the device and read once when sampling ends (no per-step sync).
 
-    Each step adds one cheap reduction (the per-sample sum: NaN and inf propagate through it, and
+    Each step adds one cheap reduction (the sum of the state: NaN and inf propagate through it, and
     ``isfinite`` over the whole state costs ~50x more on a CPU). ``close`` reads them once and
     raises NonFiniteError at the first step whose state held NaN/inf, with the number of
     non-finite values and samples counted in the final state (never drop samples silently).
@@ -106,19 +106,17 @@ class FiniteWatch:
         self.records: list[tuple[int, float, float, torch.Tensor]] = []
 
     def add(self, y: torch.Tensor, i: int, se: float, se_next: float) -> None:
-        """Record the per-sample sum of ``y`` after step ``i`` (one reduction, no host read)."""
-        if y.ndim < 2:
-            y = y.reshape(-1, 1)
+        """Record the sum of ``y`` after step ``i`` (one reduction, no host read)."""
         # half types accumulate in float32, so a large but finite state cannot overflow the check
         acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else None
-        self.records.append((i, se, se_next, y.sum(dim=tuple(range(1, y.ndim)), dtype=acc)))
+        self.records.append((i, se, se_next, y.sum(dtype=acc)))
 
     def close(self, final: torch.Tensor) -> None:
         """One host read for the whole run; on NaN/inf raise NonFiniteError naming the first bad step."""
         if not self.records:
             return
         records, self.records = self.records, []
-        ok = torch.isfinite(torch.stack([r[3] for r in records])).all(1).tolist()
+        ok = torch.isfinite(torch.stack([r[3] for r in records])).tolist()
         if all(ok):
             return
         i, se, sn, _ = records[ok.index(False)]

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .core import FiniteWatch, denoise_and_slope, denoiser, from_edm, report, steps, to_edm
+from .core import FiniteWatch, afs_slope, denoise_and_slope, denoiser, from_edm, report, steps, to_edm
 from .noise import GeneratorLike, randn_like
 from .registry import register
 
@@ -94,7 +94,7 @@ def dpmpp_2m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
     x0_prev = None
     for i in steps(sig, progress, "dpmpp_2m"):
         se, sn = sig[i], sig[i + 1]
-        x0, _ = denoise_and_slope(D, y, se, afs and i == 0)
+        x0 = y - se * afs_slope(y, se) if afs and i == 0 else D(y, se)  # the slope itself is not needed
         if sn == 0:
             y = x0  # h = inf: the second-order correction is undefined, take the exact readout
         else:
