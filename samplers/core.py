@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from diffusion.schedules import Schedule
 
-from .grids import SE_CAP, check_grid
+from .grids import SE_CAP, grid_values
 
 Callback = Optional[Callable[[dict], None]]
 Denoiser = Callable[[torch.Tensor, "float | torch.Tensor"], torch.Tensor]
@@ -55,7 +55,7 @@ def to_edm(model, x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, li
     ``x`` is the state at ``grid[0]`` in model space. At se=inf (flow, t=1) x is pure noise
     sigma(t_max)*eps, and the same noise at the capped level is y = SE_CAP*eps (``Prior.edm_start``).
     """
-    sig = check_grid(grid).tolist()
+    sig = grid_values(grid)
     if math.isinf(sig[0]):
         if sig[1] >= SE_CAP:
             raise ValueError(f"grid starts at inf and its next level {sig[1]:.6g} is >= SE_CAP={SE_CAP}; "

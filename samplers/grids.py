@@ -64,6 +64,12 @@ def _check_range(se_last: float, se_max: float, what: str) -> None:
 
 def check_grid(grid: torch.Tensor, what: str = "grid") -> torch.Tensor:
     """Validate a grid: 1-D, >= 2 points, strictly decreasing, >= 0, finite except a leading inf."""
+    grid_values(grid, what)
+    return torch.as_tensor(grid, dtype=torch.float64)
+
+
+def grid_values(grid: torch.Tensor, what: str = "grid") -> list[float]:
+    """The validated grid as Python floats (``check_grid``'s rules; one host read)."""
     g = torch.as_tensor(grid, dtype=torch.float64)
     if g.ndim != 1 or g.numel() < 2:
         raise ValueError(f"{what} must be a 1-D sequence of at least 2 noise levels; got shape {tuple(g.shape)}")
@@ -76,7 +82,7 @@ def check_grid(grid: torch.Tensor, what: str = "grid") -> torch.Tensor:
         if not v[i + 1] < v[i]:
             raise ValueError(f"{what} must strictly decrease (high noise -> low); got se[{i}]={v[i]:.6g} <= "
                              f"se[{i + 1}]={v[i + 1]:.6g}")
-    return g
+    return v
 
 
 def polynomial(n: int, se_last: float = SE_LAST, se_max: float = 80.0, p: float = 1.0) -> torch.Tensor:
@@ -174,5 +180,5 @@ def make(kind: str, n: int, schedule: Optional[Schedule] = None, **params) -> to
     return GRIDS[kind](n, **params)
 
 
-__all__ = ["SE_CAP", "SE_LAST", "top_sigma", "default_se_last", "check_grid", "polynomial", "uniform_logsnr",
+__all__ = ["SE_CAP", "SE_LAST", "top_sigma", "default_se_last", "check_grid", "grid_values", "polynomial", "uniform_logsnr",
            "karras", "vp_time_uniform", "uniform_t", "GRIDS", "available", "make"]

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .core import FiniteWatch, report, steps
-from .grids import check_grid
+from .grids import grid_values
 from .noise import GeneratorLike, randn_like
 from .registry import register
 
@@ -22,7 +22,7 @@ EtaLike = Union[float, Callable[[float], float]]
 
 def levels(model, grid: torch.Tensor) -> tuple[list[float], list[float], list[float], list[float]]:
     """(grid as floats, times, alphas, sigmas) of a grid of EDM sigmas, read once; the model caches them too."""
-    rows = _grid_levels(model.schedule, tuple(check_grid(grid).tolist()))
+    rows = _grid_levels(model.schedule, tuple(grid_values(grid)))
     prep = getattr(model, "prepare_times", None)
     if prep is not None:
         prep([t for t, se in zip(rows[1], rows[0]) if se > 0])
