@@ -234,6 +234,26 @@ class ScoreModel(nn.Module):
 
         return Prediction(x, native, self.kind, alpha, sigma, derivative(s.dalpha), derivative(s.dsigma))
 
+    def _edm_view(self, y: torch.Tensor, se: float, class_labels) -> Prediction:
+        """The Prediction at EDM level ``se`` (a Python float, checked against the schedule's range) for y = x/alpha."""
+        top = self.schedule.prior.sigma_edm
+        if not se <= top * (1 + 1e-6):
+            raise ValueError(f"noise level {se:.6g} exceeds the schedule's maximum {top:.6g} ({self.schedule.name})")
+        self._cache()
+        t = self._t_of_se.get(se)
+        if t is None:
+            t = self.prepare_levels([se])[0]
+        return self.forward(y * self._level(t).alpha, t, class_labels)
+
+    def denoise_and_slope(self, y: torch.Tensor, se: float, class_labels: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D(y, se), the PF-ODE slope dy/dse = (y - D)/se); for an eps network the slope is its eps itself."""
+        if self.kind == "eps" and isinstance(se, (float, int)) and se > 0:
+            eps = self._edm_view(y, float(se), class_labels).native
+            return torch.add(y, eps, alpha=-float(se)), eps
+        x0 = self.denoise(y, se, class_labels)
+        return x0, torch.sub(y, x0).div_(se)
+
     def denoise(self, y: torch.Tensor, se: TimeLike, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """EDM-view denoiser D(y, se) = E[x0 | x/alpha = y] at noise level se = sigma/alpha.
 
@@ -242,15 +262,7 @@ class ScoreModel(nn.Module):
         """
         if isinstance(se, (float, int)):
             se = float(se)
-            top = self.schedule.prior.sigma_edm
-            if not se <= top * (1 + 1e-6):
-                raise ValueError(f"noise level {se:.6g} exceeds the schedule's maximum {top:.6g} ({self.schedule.name})")
-            self._cache()
-            t = self._t_of_se.get(se)
-            if t is None:
-                t = self.prepare_levels([se])[0]
-            lv = self._level(t)
-            pred = self.forward(y * lv.alpha, t, class_labels)
+            pred = self._edm_view(y, se, class_labels)
             # an eps network's x0 = (x - sigma eps)/alpha is y - se eps in the EDM view: one pass, not two
             return torch.add(y, pred.native, alpha=-se) if self.kind == "eps" and se > 0 else pred.x0
         with trusted_times():

@@ -74,9 +74,20 @@ def from_edm(model, y: torch.Tensor, se: float) -> torch.Tensor:
     return y if a == 1.0 else y * a
 
 
+class _Denoiser:
+    """D(y, se) = model.denoise(y, se, labels), plus ``slope`` when the model has a cheaper one."""
+
+    def __init__(self, model, class_labels: Optional[torch.Tensor]):
+        self.model, self.labels = model, class_labels
+        self.slope = getattr(model, "denoise_and_slope", None)
+
+    def __call__(self, y: torch.Tensor, se) -> torch.Tensor:
+        return self.model.denoise(y, se, self.labels)
+
+
 def denoiser(model, class_labels: Optional[torch.Tensor] = None) -> Denoiser:
     """D(y, se): the model's x0 estimate in the EDM view (se a float or a per-sample tensor)."""
-    return lambda y, se: model.denoise(y, se, class_labels)
+    return _Denoiser(model, class_labels)
 
 
 def afs_slope(y: torch.Tensor, se: float) -> torch.Tensor:
@@ -89,6 +100,9 @@ def denoise_and_slope(D, y: torch.Tensor, se: float, analytic: bool = False) -> 
     if analytic:
         d = afs_slope(y, se)
         return y - se * d, d
+    slope = getattr(D, "slope", None)
+    if slope is not None:
+        return slope(y, se, D.labels)
     x0 = D(y, se)
     return x0, torch.sub(y, x0).div_(se)
 
