@@ -26,7 +26,8 @@ def flow_euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generat
     watch = FiniteWatch()
     for i in steps(sig, progress, "flow_euler"):
         x, pred = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels, lazy=True)
-        report_x(callback, i, sig, x, alphas[i + 1], None if callback is None else pred.x0, watch)
+        x0, pred = (None if callback is None else pred.x0), None  # don't keep the previous state alive
+        report_x(callback, i, sig, x, alphas[i + 1], x0, watch)
     watch.close(x)
     return x
 
