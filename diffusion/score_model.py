@@ -45,7 +45,15 @@ class Level(NamedTuple):
 
 
 class ScoreModel(nn.Module):
-    """Wrap ``net(x, c_noise, class_labels)`` with a schedule and a parametrization."""
+    """Wrap ``net(x, c_noise, class_labels)`` with a schedule, a preconditioner and a parametrization.
+
+    ``conditioning`` names the identity preconditioner's c_noise (default "t");
+    ``preconditioner=`` takes any other (diffusion/preconditioning.py). ``parametrization="edm"``
+    is the EDM preconditioner with x0 output; an explicit conflicting ``conditioning`` raises.
+    Class labels are range-checked once per tensor (``check_labels``; a sampler passes the same
+    tensor every step); ``validate_labels = False`` skips the check for callers that checked
+    their labels at the source (a training loop's dataset).
+    """
 
     def __init__(self, net: nn.Module, schedule: Schedule, parametrization: str = "eps",
                  conditioning: Optional[str] = None, sigma_data: float = 0.5, num_classes: Optional[int] = None,
