@@ -79,7 +79,9 @@ class _Denoiser:
 
     def __init__(self, model, class_labels: Optional[torch.Tensor]):
         self.model, self.labels = model, class_labels
-        self.slope = getattr(model, "denoise_and_slope", None)
+        # looked up on the class: a wrapper that forwards unknown attributes to an inner ScoreModel
+        # (a guidance wrapper, say) must not have its own denoise bypassed
+        self.slope = model.denoise_and_slope if "denoise_and_slope" in dir(type(model)) else None
 
     def __call__(self, y: torch.Tensor, se) -> torch.Tensor:
         return self.model.denoise(y, se, self.labels)
