@@ -30,6 +30,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torchdiffeq import odeint
 
+from .schedules import Prior
 from .score_model import ScoreModel
 
 TRACES = ("hutchinson", "exact")
@@ -83,11 +84,8 @@ def dequantize(x: torch.Tensor, generator: Optional[torch.Generator] = None, bit
 
 def gaussian_prior_log_prob(x: torch.Tensor, alpha: float, sigma: float,
                             data_var: Optional[float] = None) -> torch.Tensor:
-    """log N(x; 0, v I) with v = sigma^2 (default) or sigma^2 + alpha^2 data_var; [B]."""
-    var = sigma**2 + (0.0 if data_var is None else alpha**2 * float(data_var))
-    flat = x.double().flatten(1)
-    d = flat.shape[1]
-    return -0.5 * (flat.pow(2).sum(1) / var + d * math.log(2 * math.pi * var))
+    """log N(x; 0, v I) with v = sigma^2 (default) or sigma^2 + alpha^2 data_var; [B] (``Prior.log_prob``)."""
+    return Prior(1.0, float(alpha), float(sigma)).log_prob(x, data_var)
 
 
 def rademacher(shape: Sequence[int], generator: Optional[torch.Generator] = None,
@@ -164,7 +162,8 @@ def log_likelihood(model: ScoreModel, x: torch.Tensor, *, trace: str = "hutchins
         xs, deltas = odeint(drift, (x, zero), times, rtol=rtol, atol=atol, method=method,
                             options=_land_on(method, t_end))
     x_end, delta = xs[-1], deltas[-1].double()
-    prior = gaussian_prior_log_prob(x_end, float(schedule.alpha(t_end)), float(schedule.sigma(t_end)), data_var)
+    end = schedule.prior if t_end == schedule.t_max else schedule.prior_at(t_end)
+    prior = end.log_prob(x_end, data_var)
     log_prob = prior + delta
     bad = int((~torch.isfinite(log_prob)).sum())
     if bad:

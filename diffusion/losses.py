@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .prediction import edm_loss_weight, expand
-from .schedules import DDPM, Schedule
+from .prediction import Prediction, edm_loss_weight, expand
+from .schedules import DDPM, Schedule, trusted_times
 from .score_model import ScoreModel
 
 
@@ -52,16 +52,14 @@ class Objective:
         return Draw(t, eps, x_t)
 
     def target_of(self, x0: torch.Tensor, d: Draw, schedule: Schedule) -> torch.Tensor:
-        """The regression target in this objective's parametrization."""
-        if self.target in ("x0", "edm"):
-            return x0
-        if self.target == "eps":
-            return d.eps
-        if self.target == "v":
-            return expand(schedule.alpha(d.t), x0) * d.eps - expand(schedule.sigma(d.t), x0) * x0
-        if self.target == "velocity":
-            return expand(schedule.dalpha(d.t), x0) * x0 + expand(schedule.dsigma(d.t), x0) * d.eps
-        raise ValueError(f"objective target {self.target!r} is not one of x0, eps, v, velocity")
+        """The regression target in this objective's parametrization: the exact Prediction's conversion."""
+        if self.target not in ("x0", "edm", "eps", "v", "velocity"):
+            raise ValueError(f"objective target {self.target!r} is not one of x0, eps, v, velocity")
+        t = d.t
+        with trusted_times():
+            exact = Prediction.exact(d.x_t, x0, d.eps, schedule.alpha(t), schedule.sigma(t),
+                                     lambda: schedule.dalpha(t), lambda: schedule.dsigma(t))
+            return exact.get(self.target)
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean squared error per sample."""
@@ -69,11 +67,12 @@ class Objective:
 
     def __call__(self, model: ScoreModel, x0: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None, draw: Optional[Draw] = None) -> torch.Tensor:
-        """Weighted loss per sample, [B]."""
-        d = draw if draw is not None else self.draw(x0, model.schedule, generator)
-        pred = model(d.x_t, d.t, class_labels).get(self.target)
-        w = self.weight(d.t, model.schedule).to(x0.dtype)
-        return w * self.per_sample(pred, self.target_of(x0, d, model.schedule))
+        """Weighted loss per sample, [B] (no host reads: times come from ``sample_t``, not from a user)."""
+        with trusted_times():
+            d = draw if draw is not None else self.draw(x0, model.schedule, generator)
+            pred = model(d.x_t, d.t, class_labels).get(self.target)
+            w = self.weight(d.t, model.schedule).to(x0.dtype)
+            return w * self.per_sample(pred, self.target_of(x0, d, model.schedule))
 
 
 def _uniform(n: int, lo: float, hi: float, device, generator) -> torch.Tensor:
@@ -122,8 +121,8 @@ class EDMLoss(Objective):
 
     def sample_t(self, n, schedule, device, generator):
         se = torch.exp(self.p_mean + self.p_std * torch.randn(n, dtype=torch.float64, generator=generator))
-        # the schedule's t range bounds se; the lognormal's far tails are clipped to it
-        t = schedule.t_of_sigma_edm(se.clamp(schedule.sigma_edm_min, schedule.sigma_edm_max))
+        # the schedule's t range bounds se (up to the prior's level); the lognormal's far tails are clipped to it
+        t = schedule.t_of_sigma_edm(se.clamp(schedule.sigma_edm_min, schedule.prior.sigma_edm))
         return t.clamp(max(schedule.t_min, 1e-6), schedule.t_max).to(device)
 
     def weight(self, t, schedule):

@@ -1,7 +1,10 @@
 """Conversions among eps / x0 / v / score / velocity predictions for any (alpha, sigma).
 
 None of these assume a variance-preserving schedule (THEORY.md §2). Coefficients may be
-float64 scalars or per-sample tensors; ``expand`` broadcasts them against the data.
+Python floats (cached per grid level: no tensor is built) or float64 per-sample tensors;
+``expand`` broadcasts them against the data. How a network's input and output are scaled
+(EDM's c_in, c_skip, c_out) is a preconditioner (diffusion/preconditioning.py), not a
+parametrization: "edm" survives here only as a name for x0.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from functools import cached_property
 
 import torch
 
+#: what a network may predict; "edm" is ScoreModel's shorthand for EDM preconditioning with x0 output
 PARAMETRIZATIONS = ("eps", "x0", "v", "score", "velocity", "edm")
+#: the quantities a Prediction converts among
+KINDS = ("eps", "x0", "v", "score", "velocity")
 
 
 def check_parametrization(name: str) -> str:
@@ -20,8 +26,10 @@ def check_parametrization(name: str) -> str:
     return name
 
 
-def expand(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar or per-sample coefficient [B] against ``x`` [B, ...] in x's dtype."""
+def expand(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
+    """Broadcast a scalar or per-sample coefficient [B] against ``x`` [B, ...] in x's dtype (floats pass through)."""
+    if isinstance(coef, float):
+        return coef
     c = torch.as_tensor(coef, device=x.device)
     if c.ndim == 0:
         return c.to(x.dtype)
@@ -36,23 +44,37 @@ def expand(coef: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return c.to(x.dtype)
 
 
+def _floats(*coefs) -> bool:
+    # Python-float coefficients (a cached grid level): fused kernels, x + c*y in one pass over the data
+    return all(isinstance(c, float) for c in coefs)
+
+
 def x0_from_eps(x, eps, alpha, sigma):
     """x0 = (x - sigma eps) / alpha."""
+    if _floats(alpha, sigma):
+        return torch.add(x, eps, alpha=-sigma).div_(alpha)
     return (x - expand(sigma, x) * eps) / expand(alpha, x)
 
 
 def eps_from_x0(x, x0, alpha, sigma):
     """eps = (x - alpha x0) / sigma."""
+    if _floats(alpha, sigma):
+        return torch.add(x, x0, alpha=-alpha).div_(sigma)
     return (x - expand(alpha, x) * x0) / expand(sigma, x)
 
 
 def v_from(x0, eps, alpha, sigma):
     """v = alpha eps - sigma x0."""
+    if _floats(alpha, sigma):
+        return torch.mul(eps, alpha).sub_(x0, alpha=sigma)
     return expand(alpha, x0) * eps - expand(sigma, x0) * x0
 
 
 def x0_eps_from_v(x, v, alpha, sigma):
     """Invert v: x0 = (alpha x - sigma v)/(alpha^2+sigma^2), eps = (sigma x + alpha v)/(alpha^2+sigma^2)."""
+    if _floats(alpha, sigma):
+        n = alpha * alpha + sigma * sigma
+        return torch.mul(x, alpha).sub_(v, alpha=sigma).div_(n), torch.mul(x, sigma).add_(v, alpha=alpha).div_(n)
     a, s = expand(alpha, x), expand(sigma, x)
     n = a * a + s * s
     return (a * x - s * v) / n, (s * x + a * v) / n
@@ -60,16 +82,24 @@ def x0_eps_from_v(x, v, alpha, sigma):
 
 def score_from_eps(eps, sigma):
     """score = -eps / sigma."""
+    if _floats(sigma):
+        return eps / -sigma
     return -eps / expand(sigma, eps)
 
 
 def velocity_from(x0, eps, dalpha, dsigma):
     """PF-ODE velocity dx/dt = dalpha x0 + dsigma eps."""
+    if _floats(dalpha, dsigma):
+        return torch.mul(x0, dalpha).add_(eps, alpha=dsigma)
     return expand(dalpha, x0) * x0 + expand(dsigma, x0) * eps
 
 
 def x0_eps_from_velocity(x, vel, alpha, sigma, dalpha, dsigma):
     """Solve x = a x0 + s eps, vel = a' x0 + s' eps for (x0, eps)."""
+    if _floats(alpha, sigma, dalpha, dsigma):
+        det = alpha * dsigma - sigma * dalpha
+        return (torch.mul(x, dsigma).sub_(vel, alpha=sigma).div_(det),
+                torch.mul(vel, alpha).sub_(x, alpha=dalpha).div_(det))
     a, s, da, ds = (expand(c, x) for c in (alpha, sigma, dalpha, dsigma))
     det = a * ds - s * da
     return (ds * x - s * vel) / det, (a * vel - da * x) / det
@@ -80,22 +110,31 @@ class Prediction:
 
     def __init__(self, x: torch.Tensor, native: torch.Tensor, kind: str, alpha, sigma, dalpha=None, dsigma=None):
         check_parametrization(kind)
+        kind = "x0" if kind == "edm" else kind
         if native.shape != x.shape:
             raise ValueError(f"prediction of shape {tuple(native.shape)} does not match x of shape {tuple(x.shape)}")
         self.x, self.native, self.kind = x, native, kind
         self.alpha, self.sigma, self.dalpha, self.dsigma = alpha, sigma, dalpha, dsigma
+
+    @classmethod
+    def exact(cls, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alpha, sigma, dalpha=None,
+              dsigma=None) -> "Prediction":
+        """The true (x0, eps) behind x = alpha x0 + sigma eps, to read targets (v, velocity, ...) from."""
+        p = cls(x, x0, "x0", alpha, sigma, dalpha, dsigma)
+        p.__dict__["_x0_eps"] = (x0, eps)
+        return p
 
     @cached_property
     def _x0_eps(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, p, a, s = self.x, self.native, self.alpha, self.sigma
         if self.kind == "eps":
             return x0_from_eps(x, p, a, s), p
-        if self.kind in ("x0", "edm"):
+        if self.kind == "x0":
             return p, eps_from_x0(x, p, a, s)
         if self.kind == "v":
             return x0_eps_from_v(x, p, a, s)
         if self.kind == "score":
-            eps = -expand(s, x) * p
+            eps = p * -s if isinstance(s, float) else -expand(s, x) * p
             return x0_from_eps(x, eps, a, s), eps
         return x0_eps_from_velocity(x, p, a, s, self._d("dalpha"), self._d("dsigma"))
 
@@ -111,7 +150,7 @@ class Prediction:
     @property
     def x0(self) -> torch.Tensor:
         """Denoised estimate E[x0 | x_t]."""
-        return self.native if self.kind in ("x0", "edm") else self._x0_eps[0]
+        return self.native if self.kind == "x0" else self._x0_eps[0]
 
     @property
     def eps(self) -> torch.Tensor:
@@ -141,18 +180,5 @@ class Prediction:
         return self.x0 if kind == "edm" else getattr(self, kind)
 
 
-# ---- EDM preconditioning (Karras et al. 2022), in the EDM view y = x / alpha ------------------
-
-
-def edm_precond(se: torch.Tensor, sigma_data: float = 0.5) -> tuple[torch.Tensor, ...]:
-    """(c_skip, c_out, c_in, c_noise) for EDM noise level ``se`` = sigma/alpha."""
-    se = torch.as_tensor(se, dtype=torch.float64)
-    sd2 = sigma_data**2
-    denom = se**2 + sd2
-    return sd2 / denom, se * sigma_data / denom.sqrt(), 1 / denom.sqrt(), torch.log(se) / 4
-
-
-def edm_loss_weight(se: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """EDM's lambda(sigma) = (se^2 + sd^2)/(se sd)^2, which makes lambda c_out^2 = 1."""
-    se = torch.as_tensor(se, dtype=torch.float64)
-    return (se**2 + sigma_data**2) / (se * sigma_data) ** 2
+# EDM's coefficients moved to the preconditioner module; kept importable from here
+from .preconditioning import edm_loss_weight, edm_precond  # noqa: E402,F401

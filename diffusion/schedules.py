@@ -14,7 +14,11 @@ which is what lets shifted and interpolated schedules stay in their base family.
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -22,16 +26,88 @@ TimeLike = Union[float, torch.Tensor]
 
 _FAMILIES = ("vp", "flow", "ve", "other")
 
+_TRUST = threading.local()
+
+
+@contextmanager
+def trusted_times() -> Iterator[None]:
+    """Inside the block, tensor times are not value-checked (a check reads the device: a host sync).
+
+    The hot path (ScoreModel.forward, samplers, objectives) runs in it; its times come from grids and
+    samplers that were validated where they entered. Python numbers are always checked (free).
+    """
+    depth = getattr(_TRUST, "depth", 0)
+    _TRUST.depth = depth + 1
+    try:
+        yield
+    finally:
+        _TRUST.depth = depth
+
+
+def _bad_time(bad: list) -> ValueError:
+    return ValueError(f"time t must lie in [0, 1] (t=0 data, t=1 noise); got {bad}")
+
 
 def as_time(t: TimeLike, device: torch.device | None = None) -> torch.Tensor:
-    """Convert ``t`` to a float64 tensor and check it lies in [0, 1]."""
+    """Convert ``t`` to a float64 tensor and check it lies in [0, 1] (tensors: outside ``trusted_times``)."""
+    if isinstance(t, (float, int)):
+        if not 0 <= t <= 1:  # NaN fails this too
+            raise _bad_time([t])
+        return torch.tensor(float(t), dtype=torch.float64, device=device)
     tt = torch.as_tensor(t, dtype=torch.float64, device=device)
-    if tt.is_floating_point() and tt.dtype != torch.float64:
-        tt = tt.double()
+    if getattr(_TRUST, "depth", 0):
+        return tt
     if torch.isnan(tt).any() or (tt < 0).any() or (tt > 1).any():
-        bad = tt[(tt < 0) | (tt > 1) | torch.isnan(tt)].flatten()[:3].tolist()
-        raise ValueError(f"time t must lie in [0, 1] (t=0 data, t=1 noise); got {bad}")
+        raise _bad_time(tt[(tt < 0) | (tt > 1) | torch.isnan(tt)].flatten()[:3].tolist())
     return tt
+
+
+@dataclass(frozen=True)
+class Prior:
+    """The marginal at the schedule's end time t: alpha x0 + sigma eps, used as N(0, sigma^2 I).
+
+    The one place that knows the end point: samplers start from ``sample``, the likelihood scores
+    with ``log_prob``, and ``sigma_edm`` (inf where alpha = 0, the flow schedule at t=1) bounds
+    every noise level. ``data_var`` widens the std to sqrt(sigma^2 + alpha^2 data_var), exact for
+    zero-mean Gaussian data of that variance.
+    """
+
+    t: float
+    alpha: float
+    sigma: float
+
+    @property
+    def sigma_edm(self) -> float:
+        """EDM noise level sigma/alpha at the end (inf when alpha = 0)."""
+        return math.inf if self.alpha == 0 else self.sigma / self.alpha
+
+    def mean(self, like: torch.Tensor) -> torch.Tensor:
+        """The prior mean: zeros (the data term alpha E[x0] is dropped)."""
+        return torch.zeros_like(like)
+
+    def std(self, data_var: Optional[float] = None) -> float:
+        """sigma, or sqrt(sigma^2 + alpha^2 data_var)."""
+        return math.sqrt(self.sigma**2 + (0.0 if data_var is None else self.alpha**2 * float(data_var)))
+
+    def sample(self, noise: torch.Tensor) -> torch.Tensor:
+        """x at the end time from unit noise: sigma * noise."""
+        return noise * self.sigma
+
+    def log_prob(self, x: torch.Tensor, data_var: Optional[float] = None) -> torch.Tensor:
+        """log N(x; 0, std^2 I) per sample, [B] float64."""
+        var = self.std(data_var) ** 2
+        flat = x.double().flatten(1)
+        return -0.5 * (flat.pow(2).sum(1) / var + flat.shape[1] * math.log(2 * math.pi * var))
+
+    def edm_start(self, cap: float) -> tuple[float, float]:
+        """(se0, scale): the EDM-view start level min(sigma_edm, cap) and y = scale * x for x = ``sample``.
+
+        An infinite end level (alpha = 0) cannot be a state of the EDM view y = x/alpha; the same
+        noise at the finite level ``cap`` is y = cap * eps = x * cap / sigma.
+        """
+        if self.alpha == 0:
+            return cap, cap / self.sigma
+        return self.sigma_edm, 1 / self.alpha
 
 
 def _from_logsnr(lam: torch.Tensor, family: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,15 +168,48 @@ class Schedule:
         se = torch.as_tensor(se, dtype=torch.float64)
         return self.t_of_logsnr(-2 * torch.log(se)).clamp(0.0, 1.0)
 
-    @property
-    def sigma_edm_min(self) -> float:
-        """Smallest positive EDM sigma the schedule reaches (at t_min)."""
+    @cached_property
+    def _sigma_edm_min(self) -> float:
         return float(self.sigma_edm(max(self.t_min, 1e-5)))
 
     @property
+    def sigma_edm_min(self) -> float:
+        """Smallest positive EDM sigma the schedule reaches (at t_min)."""
+        return self._sigma_edm_min
+
+    @property
     def sigma_edm_max(self) -> float:
-        """Largest EDM sigma the schedule reaches (at t_max)."""
-        return float(self.sigma_edm(self.t_max))
+        """Largest EDM sigma the schedule reaches (at t_max; inf for flow): ``prior.sigma_edm``."""
+        return self.prior.sigma_edm
+
+    # ---- the end point and noise levels ------------------------------------------------------
+    def prior_at(self, t: float) -> Prior:
+        """The Gaussian prior at time ``t`` (coefficients read once, as Python floats)."""
+        tt = as_time(float(t))
+        return Prior(float(t), float(self.alpha(tt)), float(self.sigma(tt)))
+
+    @cached_property
+    def prior(self) -> Prior:
+        """The prior at ``t_max``, computed once per schedule."""
+        return self.prior_at(self.t_max)
+
+    def levels(self, se: TimeLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, alpha, sigma) at EDM noise levels ``se`` (float64 [N]); se=0 is t=0, se >= prior.sigma_edm is t_max.
+
+        Vectorised over a whole grid, so samplers read every per-step scalar once, up front.
+        """
+        se = torch.as_tensor(se, dtype=torch.float64).reshape(-1)
+        p = self.prior
+        top = se >= p.sigma_edm
+        inner = torch.where((se > 0) & ~top, se, torch.ones_like(se))
+        zero = se == 0
+        with trusted_times():
+            t_in = self.t_of_sigma_edm(inner)
+            t = torch.where(zero, torch.zeros_like(se), torch.where(top, torch.full_like(se, p.t), t_in))
+            alpha = torch.where(top, torch.full_like(se, p.alpha), self.alpha(t))
+        # sigma = alpha * se for finite levels keeps se=0 exactly noise-free
+        sigma = torch.where(top, torch.full_like(se, p.sigma), alpha * torch.where(top, torch.zeros_like(se), se))
+        return t, alpha, sigma
 
     # ---- derivatives (autograd in float64; closed forms where subclasses give them) -----------
     def _grad(self, fn: Callable[[torch.Tensor], torch.Tensor], t: TimeLike) -> torch.Tensor:
@@ -323,7 +432,14 @@ class SubVP(VPLinear):
     def logsnr(self, t: TimeLike) -> torch.Tensor:
         return 2 * (self.log_alpha(t) - torch.log(self.sigma(t)))
 
-    t_of_logsnr = Schedule.t_of_logsnr
+    def t_of_logsnr(self, lam: TimeLike) -> torch.Tensor:
+        # closed form: with a2 = alpha^2 and u = e^-lam, SNR = a2/(1-a2)^2 = 1/u gives
+        # -log a2 = log1p((u + sqrt(u^2 + 4u))/2); then the vp_linear quadratic in t
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        u = torch.exp(-lam)
+        c = torch.log1p((u + torch.sqrt(u * u + 4 * u)) / 2)
+        d = self.beta_max - self.beta_min
+        return (2 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * c))).clamp(0, 1)
 
 
 class VE(Schedule):

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torchdiffeq import odeint
 
-from .core import denoiser, from_edm, report, to_edm
+from .core import FiniteWatch, denoiser, from_edm, report, to_edm
 from .noise import GeneratorLike
 from .registry import register
 
@@ -28,6 +28,7 @@ def adaptive(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
         raise ValueError(f"adaptive needs rtol > 0 and atol > 0; got rtol={rtol}, atol={atol}")
     y, sig = to_edm(model, x, grid)
     D = denoiser(model, class_labels)
+    watch = FiniteWatch()
     nonzero = [s for s in sig if s > 0]
     if len(nonzero) > 1:
         u = torch.tensor([math.log(s) for s in nonzero], dtype=torch.float64, device=y.device)
@@ -35,12 +36,13 @@ def adaptive(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
             u = u.to(y.dtype)
         path = odeint(lambda uu, yy: yy - D(yy, torch.exp(uu.double())), y, u, rtol=rtol, atol=atol, method=method)
         for i in range(len(nonzero) - 1):
-            report(callback, i, sig, path[i + 1], None)
+            report(callback, i, sig, path[i + 1], None, watch)
         y = path[-1]
     if sig[-1] == 0:
         x0 = D(y, nonzero[-1])
-        report(callback, len(sig) - 2, sig, x0, x0)
+        report(callback, len(sig) - 2, sig, x0, x0, watch)
         y = x0
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 

@@ -10,7 +10,7 @@ at t=1 (se=inf) with ``x_T = eps`` exactly; samplers that work in the EDM view b
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 from . import defaults, grids
-from .core import alpha_at
+from .core import level_at
 from .mvt import load_predictor
 from .noise import GeneratorLike
 from .registry import nfe_of, spec, steps_for_nfe
@@ -42,7 +42,18 @@ def default_grid(sampler: str, n: int, schedule, kind: Optional[str] = None, **g
         kind = defaults.GRID["kind"]
         params.update(grid_opts)
         grid_opts = params
-    return grids.make(kind, n, schedule, **grid_opts)
+    try:
+        key = tuple(sorted(grid_opts.items()))
+        hash(key)
+    except TypeError:  # unhashable options (lists, tensors): build it afresh
+        return grids.make(kind, n, schedule, **grid_opts)
+    return _cached_grid(kind, n, schedule, key).clone()
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_grid(kind: str, n: int, schedule, key: tuple) -> torch.Tensor:
+    """Grids are pure functions of (family, n, schedule, options): built once, cloned per call."""
+    return grids.make(kind, n, schedule, **dict(key))
 
 
 def _check_options(name: str, opts: dict) -> None:
@@ -101,13 +112,14 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
         if nfe is not None and s.nfe is not None and nfe_of(sampler, g.numel() - 1, **opts) != nfe:
             raise ValueError(f"the grid has {g.numel() - 1} steps, which cost {nfe_of(sampler, g.numel() - 1, **opts)} "
                              f"NFE with {sampler!r}, not the nfe={nfe} asked for")
-    top = schedule.sigma_edm_max
-    if g[0] > top * (1 + 1e-6):
-        raise ValueError(f"grid starts at se={g[0].item():.6g}, above the schedule's maximum {top:.6g} ({schedule.name})")
+    top, se0 = schedule.prior.sigma_edm, g[0].item()
+    if se0 > top * (1 + 1e-6):
+        raise ValueError(f"grid starts at se={se0:.6g}, above the schedule's maximum {top:.6g} ({schedule.name})")
 
-    se0 = float(g[0])
-    sigma0 = float(schedule.sigma(schedule.t_max)) if math.isinf(se0) else alpha_at(schedule, se0) * se0
-    x_T = noise * sigma0
+    check = getattr(model, "check_labels", None)
+    if class_labels is not None and check is not None:
+        check(class_labels, noise.shape[0])  # once per call: the steps then pass the checked tensor unread
+    x_T = noise * level_at(schedule, se0)[2]  # sigma at se_0 (the prior's sigma at se=inf)
     before = model.nfe
     x = s.fn(model, x_T, g, generator=generator, class_labels=class_labels, progress=progress, **opts)
     return SampleResult(x=x, nfe=model.nfe - before, grid=g, sampler=sampler)

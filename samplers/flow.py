@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .core import steps
+from .core import FiniteWatch, steps
 from .noise import GeneratorLike
 from .registry import register
 from .stochastic import report_x, sde_step, times
@@ -23,9 +23,12 @@ def flow_euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generat
                class_labels: Optional[torch.Tensor] = None, progress: bool = False) -> torch.Tensor:
     """Euler on the PF-ODE in t: x += (t_next - t) * velocity (the eta=0 member of euler_maruyama)."""
     sig, ts, alphas = times(model, grid)
+    watch = FiniteWatch()
     for i in steps(sig, progress, "flow_euler"):
-        x, x0 = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels)
-        report_x(callback, i, sig, x, alphas[i + 1], x0)
+        x, pred = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels, lazy=True)
+        x0, pred = (None if callback is None else pred.x0), None  # don't keep the previous state alive
+        report_x(callback, i, sig, x, alphas[i + 1], x0, watch)
+    watch.close(x)
     return x
 
 

@@ -28,9 +28,9 @@ SE_LAST = 0.002
 
 
 def top_sigma(schedule: Schedule) -> float:
-    """The schedule's largest EDM sigma, capped at ``SE_CAP`` when it is infinite (flow)."""
-    top = schedule.sigma_edm_max
-    return SE_CAP if not math.isfinite(top) else top
+    """The schedule's largest EDM sigma (its prior's), capped at ``SE_CAP`` (flow's is infinite)."""
+    top = schedule.prior.sigma_edm
+    return SE_CAP if math.isinf(top) else top
 
 
 def default_se_last(schedule: Optional[Schedule]) -> float:
@@ -64,18 +64,25 @@ def _check_range(se_last: float, se_max: float, what: str) -> None:
 
 def check_grid(grid: torch.Tensor, what: str = "grid") -> torch.Tensor:
     """Validate a grid: 1-D, >= 2 points, strictly decreasing, >= 0, finite except a leading inf."""
+    grid_values(grid, what)
+    return torch.as_tensor(grid, dtype=torch.float64)
+
+
+def grid_values(grid: torch.Tensor, what: str = "grid") -> list[float]:
+    """The validated grid as Python floats (``check_grid``'s rules; one host read)."""
     g = torch.as_tensor(grid, dtype=torch.float64)
     if g.ndim != 1 or g.numel() < 2:
         raise ValueError(f"{what} must be a 1-D sequence of at least 2 noise levels; got shape {tuple(g.shape)}")
-    if torch.isnan(g).any():
-        raise ValueError(f"{what} contains NaN: {g.tolist()}")
-    if torch.isinf(g[1:]).any() or (g < 0).any():
-        raise ValueError(f"{what} must be >= 0 and finite (only the first point may be inf); got {g.tolist()}")
-    if not (g[1:] < g[:-1]).all():
-        i = int(torch.nonzero(g[1:] >= g[:-1])[0])
-        raise ValueError(f"{what} must strictly decrease (high noise -> low); got se[{i}]={g[i].item():.6g} <= "
-                         f"se[{i + 1}]={g[i + 1].item():.6g}")
-    return g
+    v = g.tolist()  # one read, then plain Python: a grid has tens of points
+    if any(math.isnan(x) for x in v):
+        raise ValueError(f"{what} contains NaN: {v}")
+    if any(math.isinf(x) for x in v[1:]) or any(x < 0 for x in v):
+        raise ValueError(f"{what} must be >= 0 and finite (only the first point may be inf); got {v}")
+    for i in range(len(v) - 1):
+        if not v[i + 1] < v[i]:
+            raise ValueError(f"{what} must strictly decrease (high noise -> low); got se[{i}]={v[i]:.6g} <= "
+                             f"se[{i + 1}]={v[i + 1]:.6g}")
+    return v
 
 
 def polynomial(n: int, se_last: float = SE_LAST, se_max: float = 80.0, p: float = 1.0) -> torch.Tensor:
@@ -173,5 +180,5 @@ def make(kind: str, n: int, schedule: Optional[Schedule] = None, **params) -> to
     return GRIDS[kind](n, **params)
 
 
-__all__ = ["SE_CAP", "SE_LAST", "top_sigma", "default_se_last", "check_grid", "polynomial", "uniform_logsnr",
+__all__ = ["SE_CAP", "SE_LAST", "top_sigma", "default_se_last", "check_grid", "grid_values", "polynomial", "uniform_logsnr",
            "karras", "vp_time_uniform", "uniform_t", "GRIDS", "available", "make"]

@@ -28,7 +28,7 @@ from torch import nn
 
 from diffusion.prediction import expand
 
-from .core import afs_slope, from_edm, report, steps, to_edm
+from .core import FiniteWatch, afs_slope, from_edm, report, steps, to_edm
 from .noise import GeneratorLike
 from .registry import register
 
@@ -142,14 +142,27 @@ def mvt_step(model, y: torch.Tensor, se_c: float, se_n: float, r: Coef = 0.5, c:
         raise ValueError(f"mvt_step needs se_c > se_n >= 0; got se_c={se_c}, se_n={se_n}")
     if x0_c is None:
         x0_c = model.denoise(y, se_c, class_labels)
+    if all(isinstance(v, (float, int)) for v in (r, c, a)):
+        # fixed coefficients: Python floats all the way, so the levels hit the model's cache
+        s = mid_level(se_c, se_n, r)
+        y_mid = y + (s - se_c) * (y - x0_c) / se_c
+        x0_mid = model.denoise(y_mid, a * s, class_labels)
+        return y + (c * (se_n - se_c) / s) * (y_mid - x0_mid), x0_c
+    # learned per-sample coefficients (the predictor keeps r inside (0, 1), so s > 0 without a check)
     rr = _coef(r, y)
     s = torch.exp(rr * math.log(se_n) + (1 - rr) * math.log(se_c)) if se_n > 0 else (1 - rr) * se_c
-    if not bool((s > 0).all()):
-        raise ValueError(f"mvt_step: intermediate level s must be > 0 (r < 1 on the last step); got r={rr.tolist()}")
     y_mid = y + expand(s - se_c, y) * (y - x0_c) / se_c
     x0_mid = model.denoise(y_mid, _coef(a, y) * s, class_labels)
     y_next = y + expand(_coef(c, y) * (se_n - se_c) / s, y) * (y_mid - x0_mid)
     return y_next, x0_c
+
+
+def mid_level(se_c: float, se_n: float, r: float) -> float:
+    """The intermediate level s = se_n^r se_c^(1-r) ((1-r) se_c on the step to 0); ValueError unless s > 0."""
+    s = math.exp(r * math.log(se_n) + (1 - r) * math.log(se_c)) if se_n > 0 else (1 - r) * se_c
+    if not s > 0:
+        raise ValueError(f"mvt_step: intermediate level s must be > 0 (r < 1 on the last step); got r={r}")
+    return s
 
 
 def features_of(model, predictor: AMEDPredictor) -> Optional[torch.Tensor]:
@@ -180,6 +193,9 @@ def mvt(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike 
         pred = pred.to(y.device)
         if pred.feature_dim > 0 and getattr(model.net, "bottleneck_features", None) is None:
             features_of(model, pred)  # raises the explanatory error
+    watch = FiniteWatch()
+    if pred is None and hasattr(model, "prepare_levels"):  # fixed (r, c, a): every level is known up front
+        model.prepare_levels([a * mid_level(sig[i], sig[i + 1], r) for i in range(len(sig) - 1)])
     for i in steps(sig, progress, "mvt"):
         se, sn = sig[i], sig[i + 1]
         if afs and i == 0:
@@ -194,7 +210,8 @@ def mvt(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike 
         else:
             rr, cc, aa = r, c, a
         y, _ = mvt_step(model, y, se, sn, rr, cc, aa, x0_c=x0, class_labels=class_labels)
-        report(callback, i, sig, y, x0)
+        report(callback, i, sig, y, x0, watch)
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 

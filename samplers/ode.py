@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .core import denoise_and_slope, denoiser, from_edm, report, steps, to_edm
+from .core import FiniteWatch, afs_slope, denoise_and_slope, denoiser, from_edm, report, steps, to_edm
 from .noise import GeneratorLike, randn_like
 from .registry import register
 
@@ -48,12 +48,14 @@ def euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
     """Euler on the PF-ODE in the EDM view, y += (se_next - se)(y - D)/se (= deterministic DDIM)."""
     y, sig = to_edm(model, x, grid)
     D = denoiser(model, class_labels)
+    watch = FiniteWatch()
     for i in steps(sig, progress, "euler"):
         y, se = churn(y, sig[i], len(sig) - 1, s_churn, s_min, s_max, s_noise, generator,
                       model.schedule.sigma_edm_max)
         x0, d = denoise_and_slope(D, y, se, afs and i == 0)
-        y = x0 if sig[i + 1] == 0 else y + (sig[i + 1] - se) * d
-        report(callback, i, sig, y, x0)
+        y = x0 if sig[i + 1] == 0 else torch.add(y, d, alpha=sig[i + 1] - se)
+        report(callback, i, sig, y, x0, watch)
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
@@ -65,6 +67,7 @@ def heun(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike
     """EDM's 2nd-order Heun (Karras et al. Alg. 2) with optional churn; the step to se=0 is Euler."""
     y, sig = to_edm(model, x, grid)
     D = denoiser(model, class_labels)
+    watch = FiniteWatch()
     for i in steps(sig, progress, "heun"):
         sn = sig[i + 1]
         y_hat, se = churn(y, sig[i], len(sig) - 1, s_churn, s_min, s_max, s_noise, generator,
@@ -75,7 +78,8 @@ def heun(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike
         if sn > 0:
             d2 = (y - D(y, sn)) / sn
             y = y_hat + (sn - se) * (d + d2) / 2
-        report(callback, i, sig, y, x0)
+        report(callback, i, sig, y, x0, watch)
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
@@ -86,10 +90,11 @@ def dpmpp_2m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
     """DPM-Solver++(2M): multistep data prediction, exact in the linear part, in h = -log se (half-logSNR)."""
     y, sig = to_edm(model, x, grid)
     D = denoiser(model, class_labels)
+    watch = FiniteWatch()
     x0_prev = None
     for i in steps(sig, progress, "dpmpp_2m"):
         se, sn = sig[i], sig[i + 1]
-        x0, _ = denoise_and_slope(D, y, se, afs and i == 0)
+        x0 = y - se * afs_slope(y, se) if afs and i == 0 else D(y, se)  # the slope itself is not needed
         if sn == 0:
             y = x0  # h = inf: the second-order correction is undefined, take the exact readout
         else:
@@ -97,10 +102,11 @@ def dpmpp_2m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
             x0_d = x0
             if x0_prev is not None:
                 r = math.log(sig[i - 1] / se) / h  # previous step size over this one, in half-logSNR
-                x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            y = (sn / se) * y - math.expm1(-h) * x0_d
+                x0_d = torch.mul(x0, 1 + 1 / (2 * r)).sub_(x0_prev, alpha=1 / (2 * r))
+            y = torch.mul(y, sn / se).sub_(x0_d, alpha=math.expm1(-h))
         x0_prev = x0
-        report(callback, i, sig, y, x0)
+        report(callback, i, sig, y, x0, watch)
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
@@ -114,15 +120,19 @@ def ipndm(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
         raise ValueError(f"ipndm order must be one of {sorted(AB_WEIGHTS)}; got {order!r}")
     y, sig = to_edm(model, x, grid)
     D = denoiser(model, class_labels)
+    watch = FiniteWatch()
     history: list[torch.Tensor] = []  # newest slope first
     for i in steps(sig, progress, "ipndm"):
         se, sn = sig[i], sig[i + 1]
         x0, d = denoise_and_slope(D, y, se, afs and i == 0)
         history = [d, *history[: order - 1]]
         weights = AB_WEIGHTS[len(history)]
-        d_hat = sum(w * h for w, h in zip(weights, history))
-        y = y + (sn - se) * d_hat
-        report(callback, i, sig, y, x0)
+        d_hat = history[0] * weights[0] if len(history) > 1 else history[0]
+        for w, h in zip(weights[1:], history[1:]):
+            d_hat = d_hat.add_(h, alpha=w)
+        y = torch.add(y, d_hat, alpha=sn - se)
+        report(callback, i, sig, y, x0, watch)
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,8 +23,12 @@ class Spec:
 
     def options(self) -> list[str]:
         """Keyword options the sampler function accepts."""
-        params = inspect.signature(self.fn).parameters.values()
-        return [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+        return list(_keyword_options(self.fn))
+
+
+@functools.lru_cache(maxsize=None)
+def _keyword_options(fn: Callable) -> tuple[str, ...]:
+    return tuple(p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY)
 
 
 _REGISTRY: dict[str, Spec] = {}
