@@ -202,6 +202,9 @@ class _Run:
             self.unwrapped.compile(mode=tc.compile_mode, backend=tc.compile_backend)
             self.ema.net.compile(mode=tc.compile_mode, backend=tc.compile_backend)  # previews use the EMA weights
         self.model = build.build_score_model(cfg, self.net)
+        # labels come from the dataset, whose class count is model.num_classes (build.resolve checks it), and
+        # drop_labels only maps them to the null class: a per-step range check would be a host read every step
+        self.model.validate_labels = False
         self.objective = build.build_loss(cfg)
         self.params = [p for p in self.net.parameters() if p.requires_grad]
         set_seed(tc.seed, device_specific=True)  # dropout differs across processes, as their data does
