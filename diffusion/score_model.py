@@ -2,13 +2,12 @@
 
 ``model(x_t, t, class_labels) -> Prediction`` whatever the network predicts (eps, x0, v, score,
 flow velocity or EDM-preconditioned F). The wrapper knows the schedule and which scalar the
-network was trained to see; the network knows neither. It counts network evaluations (NFE) and
-applies classifier-free guidance over all channels.
+network was trained to see; the network knows neither. It counts network evaluations (NFE); guidance
+wraps it from outside (samplers/guidance.py).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -42,8 +41,7 @@ class ScoreModel(nn.Module):
     """Wrap ``net(x, c_noise, class_labels)`` with a schedule and a parametrization."""
 
     def __init__(self, net: nn.Module, schedule: Schedule, parametrization: str = "eps",
-                 conditioning: str = "t", sigma_data: float = 0.5, num_classes: Optional[int] = None,
-                 guidance_scale: float = 1.0):
+                 conditioning: str = "t", sigma_data: float = 0.5, num_classes: Optional[int] = None):
         super().__init__()
         self.net = net
         self.schedule = schedule
@@ -55,7 +53,6 @@ class ScoreModel(nn.Module):
         self.conditioning = conditioning
         self.sigma_data = float(sigma_data)
         self.num_classes = int(num_classes if num_classes is not None else getattr(net, "num_classes", 0) or 0)
-        self.guidance_scale = float(guidance_scale)
         self.nfe = 0
 
     # ---- bookkeeping ---------------------------------------------------------------------------
@@ -64,13 +61,13 @@ class ScoreModel(nn.Module):
         n, self.nfe = self.nfe, 0
         return n
 
-    def with_guidance(self, scale: float) -> "ScoreModel":
-        """A shallow copy that applies classifier-free guidance eps_u + w (eps_c - eps_u)."""
-        if scale != 1.0 and self.num_classes == 0:
-            raise ValueError(f"guidance scale {scale} needs a class-conditional model; this one is unconditional")
-        other = copy.copy(self)
-        other.guidance_scale = float(scale)
-        return other
+    def with_guidance(self, scale: float):
+        """Classifier-free guidance eps_u + w (eps_c - eps_u): ``samplers.guidance.Guided(self, "cfg", scale)``."""
+        if scale == 1.0:
+            return self
+        from samplers.guidance import Guided  # local: guidance wraps models from outside the core package
+
+        return Guided(self, "cfg", scale)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def _times(self, t: TimeLike, x: torch.Tensor) -> torch.Tensor:
@@ -104,12 +101,8 @@ class ScoreModel(nn.Module):
         return self.net(x_in, c_noise, labels)
 
     def _guided(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        out = self._net(x_in, c_noise, labels)
-        if self.guidance_scale == 1.0 or labels is None:
-            return out
-        # guide every channel (DiT's reference code guided only 3 of 4)
-        uncond = self._net(x_in, c_noise, torch.full_like(labels, self.num_classes))
-        return uncond + self.guidance_scale * (out - uncond)
+        # guidance (CFG and the rest) lives in samplers/guidance.py, which wraps the whole model
+        return self._net(x_in, c_noise, labels)
 
     def forward(self, x: torch.Tensor, t: TimeLike, class_labels: Optional[torch.Tensor] = None) -> Prediction:
         """Evaluate the network at (x_t, t) and return a Prediction."""

@@ -108,6 +108,9 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
     se0 = float(g[0])
     sigma0 = float(schedule.sigma(schedule.t_max)) if math.isinf(se0) else alpha_at(schedule, se0) * se0
     x_T = noise * sigma0
+    bind = getattr(model, "bind_grid", None)
+    if bind is not None:  # guidance that depends on the grid (CFG++'s next level, CFG-Zero*'s first steps)
+        bind(g)
     before = model.nfe
     x = s.fn(model, x_T, g, generator=generator, class_labels=class_labels, progress=progress, **opts)
     return SampleResult(x=x, nfe=model.nfe - before, grid=g, sampler=sampler)
