@@ -148,6 +148,13 @@ class Guided:
         """The wrapped model's network (Skip-Tuning and the AMED predictor read it)."""
         return self.model.net
 
+    def __getattr__(self, name: str):
+        """Anything else (parameters(), parametrization, sigma_data, ...) is the wrapped model's."""
+        model = self.__dict__.get("model")
+        if model is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(model, name)
+
     @property
     def _models(self) -> list:
         other = self.guide if self.guide is not None else self.model

@@ -56,6 +56,7 @@ def test_cfg_is_eps_u_plus_w_times_difference(sched):
     # with_guidance is the same wrapper
     wg = m.with_guidance(w)
     assert isinstance(wg, Guided) and torch.allclose(wg(x, 0.3, labels).x0, g(x, 0.3, labels).x0)
+    assert wg.parametrization == "x0" and list(wg.parameters()) == list(m.parameters())  # the rest is delegated
 
 
 def test_cfg_on_gaussians_is_the_tilted_gaussian():
