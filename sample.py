@@ -37,6 +37,9 @@ GRID_MAX_IMAGES = 256
 GRID_MIN_TILE = 32  # pixels: smaller samples are enlarged in the grid picture only
 
 
+GUIDANCE_KINDS = ("cfg", "interval", "apg", "cfgpp", "cfgzero", "auto")
+
+
 class UsageError(ValueError):
     """Bad command-line input; printed as ``error: ...`` with exit status 2."""
 
@@ -57,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", default=None, metavar="FILE", help="also write all images as uint8 NHWC 'images' in an npz")
     p.add_argument("--class-label", type=int, default=None, help="class for every image (conditional models)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w (1 = none)")
+    g = p.add_argument_group("guidance (samplers/guidance.py)")
+    g.add_argument("--guidance", choices=GUIDANCE_KINDS, default=None,
+                   help="cfg, interval (cfg in a sigma band), apg, cfgpp, cfgzero or auto (autoguidance by --guide-run)")
+    g.add_argument("--guidance-scale", type=float, default=None, metavar="W", help="guidance scale (cfgpp: lambda in (0, 1])")
+    g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only for EDM sigma in [LO, HI] (required by interval; allowed with every kind)")
+    g.add_argument("--guide-run", default=None, metavar="RUN", help="the weaker guide model for --guidance auto")
+    g.add_argument("--resolution", type=int, default=None, metavar="R",
+                   help="sample at R x R (a multiple of the training size) with upsample guidance")
+    g.add_argument("--upsample-scale", type=float, default=1.0, metavar="W",
+                   help="upsample guidance weight (1: the pooled image follows the model at its training size)")
     p.add_argument("--skip-tuning", type=float, default=None, metavar="RHO_BOTTOM", help="Skip-Tuning factor of the deepest skip")
     p.add_argument("--predictor", default=None, help="learned AMED predictor (.safetensors) for --sampler mvt")
     p.add_argument("--eta", type=float, default=None, help="eta for ddim (0 deterministic, 1 DDPM ancestral)")
@@ -131,6 +145,68 @@ def check_budget(sampler: Optional[str], nfe: Optional[int], opts: dict) -> None
         samplers.steps_for_nfe(name, nfe, **o)
     except ValueError as e:
         raise UsageError(f"--nfe {nfe}: {e}") from None
+
+
+def guide_model(model, args, shape: tuple, dtype, device) -> tuple:
+    """(guided model, sample shape, guidance record or None, scale deciding per-image labels) from the flags."""
+    from diffusion.pretrained import load_source, sample_shape
+    from samplers.guidance import Guided, check_compatible
+
+    kind, scale = args.guidance, args.guidance_scale
+    if args.cfg_scale is not None:  # the old flag is an alias of --guidance cfg --guidance-scale W
+        if kind not in (None, "cfg") or (scale is not None and scale != args.cfg_scale):
+            raise UsageError(f"--cfg-scale {args.cfg_scale} is --guidance cfg --guidance-scale {args.cfg_scale}; "
+                             f"it cannot be combined with --guidance {kind} --guidance-scale {scale}")
+        kind, scale = "cfg", args.cfg_scale
+    if kind is None and (scale is not None or args.guidance_interval or args.guide_run):
+        raise UsageError(f"--guidance-scale/--guidance-interval/--guide-run need --guidance; valid: {', '.join(GUIDANCE_KINDS)}")
+    if kind is not None and scale is None:
+        raise UsageError(f"--guidance {kind} needs --guidance-scale W")
+    if args.guide_run and kind != "auto":
+        raise UsageError(f"--guide-run is the guide model of --guidance auto (got --guidance {kind})")
+    record, guided = None, model
+    if kind is not None and not (kind == "cfg" and scale == 1.0):
+        if not math.isfinite(scale):
+            raise UsageError(f"--guidance-scale must be finite; got {scale}")
+        if kind != "auto" and model.num_classes == 0:
+            raise UsageError(f"--guidance {kind} --guidance-scale {scale} needs a class-conditional model; this one is "
+                             f"unconditional (use --guidance auto --guide-run RUN)")
+        if kind == "interval" and args.guidance_interval is None:
+            raise UsageError("--guidance interval needs --guidance-interval LO HI (EDM sigma)")
+        if args.guidance_interval is not None:
+            lo, hi = args.guidance_interval
+            if not (0 <= lo < hi):
+                raise UsageError(f"--guidance-interval {lo} {hi} is empty: expected 0 <= LO < HI (EDM sigma)")
+        opts = {"interval": args.guidance_interval}
+        if kind == "auto":
+            if args.guide_run is None:
+                raise UsageError("--guidance auto needs --guide-run RUN (a weaker model of the same task)")
+            guide, info = load_source(args.guide_run, None, ema=not args.no_ema, device=device)
+            if tuple(sample_shape(guide)) != tuple(shape) or guide.num_classes != model.num_classes:
+                raise UsageError(f"--guide-run {args.guide_run} makes samples of shape {list(sample_shape(guide))} with "
+                                 f"{guide.num_classes} classes; the model's are {list(shape)} with {model.num_classes}")
+            try:
+                check_compatible(model, guide)
+            except ValueError as e:
+                raise UsageError(f"--guide-run {args.guide_run}: {e}") from None
+            guide.net.to(dtype)
+            opts["guide"] = guide
+        if kind == "cfgzero":
+            opts["zero_init_steps"] = 1
+        guided = Guided(model, kind, scale, **opts)
+        record = {"kind": kind, "scale": scale, "interval": args.guidance_interval, "guide_run": args.guide_run,
+                  "guide_sha256": info["sha256"] if kind == "auto" else None}
+    if args.resolution is not None:
+        native = shape[-1]
+        if len(shape) != 3 or args.resolution % native or args.resolution <= native:
+            raise UsageError(f"--resolution {args.resolution} must be a multiple (>= 2x) of the model's image size "
+                             f"{native} (image models only)")
+        guided = Guided(guided, "upsample", args.upsample_scale, factor=args.resolution // native)
+        shape = (shape[0], args.resolution, args.resolution)
+        record = {**(record or {}), "upsample": {"resolution": args.resolution, "factor": args.resolution // native,
+                                                 "scale": args.upsample_scale}}
+    label_scale = scale if kind is not None and model.num_classes else None
+    return guided, shape, record, label_scale
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -292,8 +368,6 @@ def run(args: argparse.Namespace) -> dict:
     else:
         model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
     check_conditioning(model, args.class_label, args.cfg_scale)
-    if args.cfg_scale is not None and args.cfg_scale != 1.0:
-        model = model.with_guidance(args.cfg_scale)
     dtype = DTYPES[args.dtype]
     model.net.to(dtype)
     if args.compile:  # in place: compiles on the first batch, later batches of the same shape reuse it
@@ -301,6 +375,7 @@ def run(args: argparse.Namespace) -> dict:
     shape = sample_shape(model)
     if one_step is None:
         check_budget(sampler, args.nfe, opts)
+    model, shape, guidance, label_scale = guide_model(model, args, shape, dtype, device)
     out = Path(args.out)
     state.wait_for_everyone()  # every process has checked the folder before the main one touches it
     if state.is_main_process:
@@ -317,7 +392,7 @@ def run(args: argparse.Namespace) -> dict:
         for idx in tqdm(batches, desc="sampling", disable=args.no_progress or not state.is_main_process):
             gens = samplers.noise.generators(args.seed, len(idx), offset=idx[0])
             noise = samplers.noise.randn((len(idx), *shape), gens).to(device=device, dtype=dtype)
-            labels = image_labels(idx, model, args.class_label, args.cfg_scale)
+            labels = image_labels(idx, model, args.class_label, label_scale)
             labels = None if labels is None else labels.to(device)
             if one_step is not None:
                 res = generate_one_step(model, noise, one_step, labels)
@@ -349,7 +424,7 @@ def run(args: argparse.Namespace) -> dict:
         "seeds": {"start": args.seed, "count": args.num, "rule": "image i (file i) uses seed start + i"},
         "batch_size": batch_size, "num_processes": state.num_processes,
         "checkpoint": ckpt, "dtype": args.dtype, "device": str(device),
-        "class_label": args.class_label, "cfg_scale": args.cfg_scale,
+        "class_label": args.class_label, "cfg_scale": args.cfg_scale, "guidance": guidance,
         "skip_tuning": None if factors is None else {"rho_bottom": args.skip_tuning, "factors": factors},
         "predictor": args.predictor, "options": {k: v for k, v in opts.items() if k != "predictor"},
         "wall_time_s": wall, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -136,6 +136,48 @@ def oracle_model(mixture: GaussianMixture, schedule: Schedule, shape: Optional[S
     return ScoreModel(OracleNet(mixture, schedule, shape), schedule, parametrization="x0", conditioning="t")
 
 
+class ClassOracleNet(nn.Module):
+    """Exact x0-predictors of a class-conditional model: label k -> ``classes[k]``, label K or None -> ``uncond``."""
+
+    def __init__(self, classes: Sequence[GaussianMixture], uncond: GaussianMixture, schedule: Schedule,
+                 shape: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.classes, self.uncond, self.schedule = list(classes), uncond, schedule
+        self.num_classes = len(self.classes)
+        self.shape = tuple(shape) if shape is not None else (uncond.dim,)
+        if any(m.dim != uncond.dim for m in self.classes) or math.prod(self.shape) != uncond.dim:
+            raise ValueError(f"every class mixture and the shape {self.shape} must have dimension {uncond.dim}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
+        t = as_time(t, device=x.device).expand(x.shape[0])
+        flat = x.reshape(x.shape[0], -1)
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        labels = torch.full((x.shape[0],), self.num_classes) if class_labels is None else torch.as_tensor(class_labels)
+        out = torch.empty_like(flat, dtype=torch.float64)
+        for k, mix in enumerate([*self.classes, self.uncond]):  # a test oracle: per-class masks are fine here
+            m = labels.to(x.device) == k
+            if m.any():
+                out[m] = mix.x0_hat(flat[m], a[m], s[m])
+        return out.to(x.dtype).reshape(x.shape)
+
+
+def component(mixture: GaussianMixture, index: int | Sequence[int]) -> GaussianMixture:
+    """The sub-mixture of the given component(s), weights renormalised."""
+    idx = torch.as_tensor([index] if isinstance(index, int) else list(index))
+    return GaussianMixture(mixture.means[idx], mixture.covs[idx], mixture.weights[idx])
+
+
+def class_oracle_model(mixture: GaussianMixture, schedule: Schedule, shape: Optional[Sequence[int]] = None,
+                       classes: Optional[Sequence[GaussianMixture]] = None, uncond: Optional[GaussianMixture] = None):
+    """A class-conditional ScoreModel, exact for each class: class k is the k-th component of ``mixture``
+    (or ``classes[k]``), label ``num_classes`` the unconditional model (``mixture`` itself, or ``uncond``)."""
+    from .score_model import ScoreModel
+
+    classes = [component(mixture, k) for k in range(mixture.K)] if classes is None else classes
+    net = ClassOracleNet(classes, mixture if uncond is None else uncond, schedule, shape)
+    return ScoreModel(net, schedule, parametrization="x0", conditioning="t", num_classes=len(classes))
+
+
 def marginal_log_prob(mixture: GaussianMixture, schedule: Schedule, x: torch.Tensor, t: TimeLike) -> torch.Tensor:
     """Exact log p_t(x) under ``schedule`` at time t."""
     t = as_time(t)
@@ -186,5 +228,5 @@ def preset(name: str) -> GaussianMixture:
     return PRESETS[name]()
 
 
-__all__ = ["GaussianMixture", "OracleNet", "oracle_model", "marginal_log_prob", "gaussian", "point_mass",
+__all__ = ["GaussianMixture", "OracleNet", "oracle_model", "ClassOracleNet", "component", "class_oracle_model", "marginal_log_prob", "gaussian", "point_mass",
            "ring2d", "mixture64d", "preset", "PRESETS"]

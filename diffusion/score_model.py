@@ -4,8 +4,8 @@
 four things (the shape of EDM's ``EDMPrecond`` and k-diffusion's ``Denoiser``): the network, the
 schedule (alpha, sigma at t), a preconditioner (c_in, c_noise, c_skip, c_out; see
 diffusion/preconditioning.py) and a parametrization (what the preconditioned output is: eps, x0,
-v, score or velocity). It counts network evaluations (NFE) and applies classifier-free guidance
-over all channels.
+v, score or velocity). It counts network evaluations (NFE); guidance (CFG and its variants) wraps it from
+outside (samplers/guidance.py).
 
 Hot path. A Python-number time or EDM level (what samplers pass, one per grid point) is looked up
 in a per-level cache of Python-float coefficients, filled for a whole grid at once by
@@ -16,7 +16,6 @@ labels once per tensor, grids in ``samplers.sample``).
 
 from __future__ import annotations
 
-import copy
 import weakref
 from typing import NamedTuple, Optional, Sequence
 
@@ -57,7 +56,7 @@ class ScoreModel(nn.Module):
 
     def __init__(self, net: nn.Module, schedule: Schedule, parametrization: str = "eps",
                  conditioning: Optional[str] = None, sigma_data: float = 0.5, num_classes: Optional[int] = None,
-                 guidance_scale: float = 1.0, preconditioner: Optional[Preconditioner] = None):
+                 preconditioner: Optional[Preconditioner] = None):
         super().__init__()
         self.net = net
         self.schedule = schedule
@@ -87,7 +86,6 @@ class ScoreModel(nn.Module):
         self.kind = out or ("x0" if self.parametrization == "edm" else self.parametrization)  # Prediction's kind
         self.conditioning = preconditioner.conditioning
         self.num_classes = int(num_classes if num_classes is not None else getattr(net, "num_classes", 0) or 0)
-        self.guidance_scale = float(guidance_scale)
         self.validate_labels = True  # False: the caller vouches for label ranges (e.g. checked at the data source)
         self.nfe = 0
         self._levels: dict[float, Level] = {}
@@ -102,13 +100,13 @@ class ScoreModel(nn.Module):
         n, self.nfe = self.nfe, 0
         return n
 
-    def with_guidance(self, scale: float) -> "ScoreModel":
-        """A shallow copy that applies classifier-free guidance eps_u + w (eps_c - eps_u)."""
-        if scale != 1.0 and self.num_classes == 0:
-            raise ValueError(f"guidance scale {scale} needs a class-conditional model; this one is unconditional")
-        other = copy.copy(self)
-        other.guidance_scale = float(scale)
-        return other
+    def with_guidance(self, scale: float):
+        """Classifier-free guidance eps_u + w (eps_c - eps_u): ``samplers.guidance.Guided(self, "cfg", scale)``."""
+        if scale == 1.0:
+            return self
+        from samplers.guidance import Guided  # local: guidance wraps models from outside the core package
+
+        return Guided(self, "cfg", scale)
 
     # ---- per-level coefficient cache -------------------------------------------------------------
     def _cache(self) -> dict[float, Level]:
@@ -206,12 +204,8 @@ class ScoreModel(nn.Module):
         return self.net(x_in, c_noise, labels)
 
     def _guided(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        out = self._net(x_in, c_noise, labels)
-        if self.guidance_scale == 1.0 or labels is None:
-            return out
-        # guide every channel (DiT's reference code guided only 3 of 4)
-        uncond = self._net(x_in, c_noise, torch.full_like(labels, self.num_classes))
-        return uncond + self.guidance_scale * (out - uncond)
+        # guidance (CFG and the rest) lives in samplers/guidance.py, which wraps the whole model
+        return self._net(x_in, c_noise, labels)
 
     def forward(self, x: torch.Tensor, t: TimeLike, class_labels: Optional[torch.Tensor] = None) -> Prediction:
         """Evaluate the network at (x_t, t) and return a Prediction (no host reads; see the module doc)."""

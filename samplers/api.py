@@ -120,6 +120,9 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
     if class_labels is not None and check is not None:
         check(class_labels, noise.shape[0])  # once per call: the steps then pass the checked tensor unread
     x_T = noise * level_at(schedule, se0)[2]  # sigma at se_0 (the prior's sigma at se=inf)
+    bind = getattr(model, "bind_grid", None)
+    if bind is not None:  # guidance that depends on the grid (CFG++'s next level, CFG-Zero*'s first steps)
+        bind(g)
     before = model.nfe
     x = s.fn(model, x_T, g, generator=generator, class_labels=class_labels, progress=progress, **opts)
     return SampleResult(x=x, nfe=model.nfe - before, grid=g, sampler=sampler)
