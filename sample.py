@@ -232,6 +232,11 @@ def run(args: argparse.Namespace) -> dict:
     else:
         model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
     check_conditioning(model, args.class_label, args.cfg_scale)
+    native_grid, native_opts = None, {}
+    if getattr(model, "diffusers_scheduler", None) is not None:  # --pretrained: its own sampler takes its own steps
+        from diffusion.scheduler_fields import native_sampling
+
+        native_grid, native_opts = native_sampling(model, model.diffusers_scheduler, sampler, args.nfe, opts)
     if args.cfg_scale is not None and args.cfg_scale != 1.0:
         model = model.with_guidance(args.cfg_scale)
     dtype = DTYPES[args.dtype]
@@ -258,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
                 res = generate_one_step(model, noise, one_step, labels)
             else:
                 res = samplers.sample(model, noise, sampler=sampler, nfe=args.nfe, generator=gens,
-                                      class_labels=labels, **opts)
+                                      class_labels=labels, grid=native_grid, **opts, **native_opts)
             bad = int((~torch.isfinite(res.x)).reshape(len(idx), -1).any(1).sum())
             if bad:
                 raise FloatingPointError(f"{bad} of {len(idx)} samples in images {idx[0]}..{idx[-1]} are not finite "
@@ -286,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": ckpt, "dtype": args.dtype, "device": str(device),
         "class_label": args.class_label, "cfg_scale": args.cfg_scale,
         "skip_tuning": None if factors is None else {"rho_bottom": args.skip_tuning, "factors": factors},
-        "predictor": args.predictor, "options": {k: v for k, v in opts.items() if k != "predictor"},
+        "predictor": args.predictor, "options": {k: v for k, v in {**opts, **native_opts}.items() if k != "predictor"},
         "wall_time_s": wall, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "command": "sample.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sample.py") else None,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .models.hooks import UNet2DHooks
+from .scheduler_fields import ProcessedX0Model, x0_transform
 from .schedules import DDPM, EDM, Flow
 from .score_model import ScoreModel
 
@@ -186,7 +187,12 @@ def load_pretrained(path_or_id: str, device: str | torch.device = "cpu",
     exported = _exported_schedule(folder, kwargs)
     if exported is not None:
         kwargs.update(schedule=exported, conditioning="1000t")
-    model = ScoreModel(net, **kwargs, num_classes=net.num_classes)
+    transform = x0_transform(scheduler)  # clip_sample / thresholding; refuses what cannot be read
+    if transform is None:
+        model = ScoreModel(net, **kwargs, num_classes=net.num_classes)
+    else:
+        model = ProcessedX0Model(net, **kwargs, num_classes=net.num_classes, x0_transform=transform)
+    model.diffusers_scheduler = scheduler  # for native_sampling: the scheduler's own timesteps
     info = {"source": path_or_id, "folder": str(folder), "weights": str(folder / "unet" / WEIGHTS_FILE),
             "sha256": sha256_file(folder / "unet" / WEIGHTS_FILE), "scheduler": cls_name, "prediction_type": pred,
             "num_train_timesteps": int(scheduler.config.num_train_timesteps),
