@@ -19,43 +19,48 @@ from typing import Optional, Sequence
 
 import torch
 
+from diffusion.cli import HelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The evaluate.py argument parser with its three sub-commands."""
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fid", help="FID and KID of a samples folder against a reference (clean-fid)")
+    f = sub.add_parser("fid", help="FID and KID of a samples folder against a reference (clean-fid)",
+                       formatter_class=HelpFormatter)
     f.add_argument("--samples", required=True, help="folder of generated images (sample.py output)")
     f.add_argument("--ref", required=True, help="cifar10-train | cifar10-test | folder of images | statistics .npz")
     f.add_argument("--features", default="inception", help="inception (default), randconv, pixels, or module:factory")
     f.add_argument("--inception", default=None, help="local inception-2015-12-05.pt (else $UD_INCEPTION_WEIGHTS, cache, download)")
-    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
     f.add_argument("--no-kid", action="store_true", help="skip KID (clean-fid's estimator: 100 subsets of up to 1000 images)")
 
-    n = sub.add_parser("nll", help="negative log-likelihood in bits/dim through the PF-ODE")
+    n = sub.add_parser("nll", help="negative log-likelihood in bits/dim through the PF-ODE", formatter_class=HelpFormatter)
     src = n.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder written by train.py")
     src.add_argument("--pretrained", help="diffusers pipeline folder or Hub id")
     n.add_argument("--data", default=None, help="dataset name (default: the run's dataset; required with --pretrained)")
     n.add_argument("--data-root", default=None, help="dataset root (cifar10, folder)")
     n.add_argument("--num", type=int, default=256, help="number of data points (a seeded random subset)")
-    n.add_argument("--batch-size", type=int, default=64)
-    n.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson")
-    n.add_argument("--rtol", type=float, default=1e-5)
-    n.add_argument("--atol", type=float, default=1e-5)
+    n.add_argument("--batch-size", type=int, default=64, help="data points per ODE solve")
+    n.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson",
+                   help="divergence estimator: Hutchinson (one Rademacher probe) or the exact trace (D backward passes)")
+    n.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    n.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
     n.add_argument("--t-eps", type=float, default=1e-5, help="start time of the ODE (clean data at t=0)")
     n.add_argument("--bits", type=int, default=None, help="bit depth for dequantisation (default 8 for images, none for vectors)")
     n.add_argument("--seed", type=int, default=0, help="subset, dequantisation noise and Hutchinson probes")
-    n.add_argument("--no-ema", action="store_true")
+    n.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
 
-    d = sub.add_parser("digits", help="offline digits measures: pixel Frechet distance and a digit-classifier score")
+    d = sub.add_parser("digits", help="offline digits measures: pixel Frechet distance and a digit-classifier score",
+                       formatter_class=HelpFormatter)
     d.add_argument("--samples", required=True, help="folder of generated digit images")
 
     for s in (f, n, d):
         s.add_argument("--out", default=None, help="also write the JSON record to this file")
-        s.add_argument("--device", default="cpu")
-        s.add_argument("--no-progress", action="store_true")
+        s.add_argument("--device", default="cpu", help="torch device")
+        s.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
 

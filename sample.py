@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion.cli import HelpFormatter
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRID_MAX_IMAGES = 256
 GRID_MIN_TILE = 32  # pixels: smaller samples are enlarged in the grid picture only
@@ -36,14 +38,14 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The sample.py argument parser."""
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder written by train.py (config.yaml + safetensors weights)")
     src.add_argument("--pretrained", help="diffusers pipeline folder (DDPMPipeline layout) or Hub id")
     p.add_argument("--sampler", default=None, help="sampler name (default: the measured default; see samplers.available())")
     p.add_argument("--nfe", type=int, default=None, help="network-evaluation budget (not for adaptive samplers)")
     p.add_argument("--num", type=int, required=True, help="number of images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per network call (does not change the images)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
     p.add_argument("--out", required=True, help="output folder for PNGs and samples.json")
     p.add_argument("--grid", default=None, metavar="FILE.png", help=f"also write a grid of the first {GRID_MAX_IMAGES} images")

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from diffusion.cli import HelpFormatter
 import samplers
-from diffusion.config import ConfigError, load_config
+from diffusion.config import ConfigError, load_config, to_yaml
 from diffusion.data import UnreadableImageError
 from diffusion.score_model import ScoreModel
 from diffusion.training import NonFiniteLossError, SampleFn, TrainResult, train
@@ -33,14 +34,24 @@ def preview_sampler(nfe: int, sampler: Optional[str], seed: int) -> SampleFn:
     return draw
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command-line arguments."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML recipe (default {DEFAULT_CONFIG})")
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py argument parser (its epilog lists every config key)."""
+    from diffusion.config_docs import help_epilog
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=help_epilog())
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML recipe")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint of the run folder, or from a checkpoint folder")
+    p.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build data, model, optimizer and loss, take one step in memory, print a summary; writes no files")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=200")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    return build_parser().parse_args(argv)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> TrainResult:
@@ -51,9 +62,29 @@ def run(argv: Optional[Sequence[str]] = None) -> TrainResult:
     return train(cfg, resume=args.resume, sample_fn=preview_sampler(pv.nfe, pv.sampler, pv.seed))
 
 
+def inspect_only(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """The text for --print-config / --dry-run (None when training); no files are written."""
+    args = parse_args(argv)
+    if not (args.print_config or args.dry_run):
+        return None
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        return to_yaml(cfg).rstrip()
+    from diffusion.dry_run import dry_run
+
+    d = dry_run(cfg)
+    return (f"dry run ok: {d['data']} ({d['items']} items of shape {d['shape']}), {d['model']} "
+            f"({d['params'] / 1e6:.2f}M params), {d['optimizer']} lr {d['lr']:.3g}, one step on {d['batch']} items: "
+            f"loss {d['loss']:.4f} ({d['seconds']:.1f} s); nothing written")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry: bad input prints one clear line and exits non-zero instead of a traceback."""
     try:
+        text = inspect_only(argv)
+        if text is not None:
+            print(text)
+            return 0
         res = run(argv)
     except (ConfigError, FileNotFoundError, UnreadableImageError, NonFiniteLossError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)

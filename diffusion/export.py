@@ -42,6 +42,8 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .cli import HelpFormatter
+
 EXPORT_INFO = "unified_diffusion_export.json"
 DIFFUSERS_T = 1000  # diffusers' num_train_timesteps for the schedulers written here
 
@@ -204,7 +206,7 @@ def verify(run: str | Path, out: str | Path, num: int = 4, steps: int = 10, seed
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m diffusion.export`` argument parser."""
     p = argparse.ArgumentParser(prog="python -m diffusion.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("run", help="run folder written by train.py")
     p.add_argument("out", help="output folder for the diffusers pipeline")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights (default: EMA)")

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from diffusion.cli import HelpFormatter
 import samplers
 from samplers.core import afs_slope
 from samplers.mvt import AMEDPredictor, features_of, mvt_step, save_predictor
@@ -205,22 +206,23 @@ def save(path: str | Path, fit: AmedFit) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI of ``python -m distill amed``."""
-    p = argparse.ArgumentParser(prog="python -m distill amed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distill amed", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="oracle:ring2d | oracle:mixture64d | RUN_DIR")
     p.add_argument("--nfe", type=int, default=5, help="network evaluations of the student (2 per step, -1 with AFS)")
     p.add_argument("--no-afs", dest="afs", action="store_false", help="spend a network call on the first step too")
     p.add_argument("--grid", default=None, help="comma-separated initial levels ending in 0 (default: the mvt default grid)")
-    p.add_argument("--teacher-solver", default="heun", choices=TEACHER_SOLVERS)
+    p.add_argument("--teacher-solver", default="heun", choices=TEACHER_SOLVERS, help="solver of the reference trajectories")
     p.add_argument("--extra-nodes", type=int, default=1, help="heun teacher: nodes inserted per student interval (M)")
     p.add_argument("--rtol", type=float, default=1e-6, help="adaptive teacher: rtol = atol")
-    p.add_argument("--n-train", type=int, default=1024)
+    p.add_argument("--n-train", type=int, default=1024, help="training noises (seeds 1000000+i)")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="first per-image seed of the training noises")
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iters", type=int, default=300, help="predictor training iterations")
+    p.add_argument("--lr", type=float, default=5e-3, help="predictor learning rate (Adam)")
+    p.add_argument("--batch", type=int, default=256, help="trajectories per training batch")
     p.add_argument("--learn-grid", action="store_true", help="learn the sigma nodes jointly (alternating)")
     p.add_argument("--rounds", type=int, default=3, help="with --learn-grid: predictor/grid alternations")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", required=True, help="where to write the predictor (.safetensors)")
     return p
 

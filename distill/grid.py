@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusion.cli import HelpFormatter
 import samplers
 from samplers.noise import generators, randn
 
@@ -291,22 +292,23 @@ def _parse_options(items: Sequence[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI of ``python -m distill grid``."""
-    p = argparse.ArgumentParser(prog="python -m distill grid", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distill grid", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="oracle:ring2d | oracle:mixture64d | RUN_DIR")
     p.add_argument("--sampler", default="ipndm", help="a deterministic sampler from samplers.available()")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations of the learned grid")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="sampler option, e.g. --opt afs=true (repeatable)")
     p.add_argument("--init", default=None, help="initial grid family from samplers.grids (default: the sampler's default)")
-    p.add_argument("--teacher-solver", default="adaptive", choices=TEACHER_SOLVERS)
+    p.add_argument("--teacher-solver", default="adaptive", choices=TEACHER_SOLVERS, help="solver of the reference solves")
     p.add_argument("--extra-nodes", type=int, default=8, help="heun teacher: nodes inserted per interval")
     p.add_argument("--rtol", type=float, default=1e-6, help="adaptive teacher: rtol = atol")
-    p.add_argument("--n-train", type=int, default=512)
+    p.add_argument("--n-train", type=int, default=512, help="training noises (seeds 1000000+i)")
     p.add_argument("--n-val", type=int, default=256, help="held-out training noises that must confirm the fit")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="first per-image seed of the training noises")
     p.add_argument("--max-evals", type=int, default=30, help="least-squares iterations (sampler runs besides the Jacobian's)")
-    p.add_argument("--fd-step", type=float, default=1e-3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--fd-step", type=float, default=1e-3, help="relative finite-difference step of the least-squares Jacobian")
+    p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--out", required=True, help="where to write the grid (.json)")
     return p
 

@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from diffusion.cli import HelpFormatter
 from diffusion.losses import Draw, build_objective
 from diffusion.schedules import by_name
 from diffusion.score_model import ScoreModel
@@ -407,24 +408,29 @@ def student_copy(init: ScoreModel) -> ScoreModel:
     return m
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line options of ``python -m distill reflow``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m distill reflow`` argument parser."""
     d = ReflowConfig()
     p = distiller_parser("python -m distill reflow", "Rectified-flow reflow (+ one-step distillation).",
                          "run folder to write (pairs are cached under OUT/pairs)")
-    p.add_argument("--pairs", type=int, default=d.pairs)
-    p.add_argument("--val-pairs", type=int, default=d.val_pairs)
+    p.add_argument("--pairs", type=int, default=d.pairs, help="teacher (noise, ODE(noise)) pairs to solve and train on")
+    p.add_argument("--val-pairs", type=int, default=d.val_pairs, help="held-out pairs for the straightness and transport cost")
     p.add_argument("--chunk", type=int, default=d.chunk, help="pairs per cached chunk (the unit of resume)")
-    p.add_argument("--rtol", type=float, default=d.rtol)
-    p.add_argument("--atol", type=float, default=d.atol)
-    p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--rtol", type=float, default=d.rtol, help="dopri5 relative tolerance of the teacher solve")
+    p.add_argument("--atol", type=float, default=d.atol, help="dopri5 absolute tolerance of the teacher solve")
+    p.add_argument("--iters", type=int, default=d.iters, help="reflow training iterations")
+    p.add_argument("--batch", type=int, default=d.batch, help="pairs per training batch")
+    p.add_argument("--lr", type=float, default=d.lr, help="reflow learning rate (Adam)")
     p.add_argument("--one-step-iters", type=int, default=d.one_step_iters, help="> 0: also distil into one step")
-    p.add_argument("--one-step-lr", type=float, default=d.one_step_lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--one-step-lr", type=float, default=d.one_step_lr, help="learning rate of the one-step distillation")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the pair noises and initialisation")
     add_common_args(p, d.prefit)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line options of ``python -m distill reflow``."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

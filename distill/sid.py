@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from diffusion.cli import HelpFormatter
 from diffusion.losses import Draw, build_objective
 from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
@@ -505,30 +506,35 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line options of ``python -m distill sid``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m distill sid`` argument parser."""
     d = SiDConfig()
     p = distiller_parser("python -m distill sid", "Score identity Distillation: a one-step generator.")
     p.add_argument("--alpha", type=float, default=d.alpha, help="SiD alpha in (0, 1.5) (default 1.2)")
-    p.add_argument("--sig-init", type=float, default=d.sig_init)
-    p.add_argument("--iters", type=int, default=d.iters)
+    p.add_argument("--sig-init", type=float, default=d.sig_init, help="noise level the generator reads: x = G(sig_init z, sig_init)")
+    p.add_argument("--iters", type=int, default=d.iters, help="generator updates")
     p.add_argument("--batch", type=int, default=d.batch, help="global batch (split over `accelerate launch` processes)")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="generator learning rate (Adam)")
     p.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (default: --lr)")
     p.add_argument("--fake-steps", type=int, default=d.fake_steps, help="fake-score updates per generator update")
     p.add_argument("--no-sample-weight", action="store_true",
                    help="drop SiD's per-sample weight 1/mean|x_g - fr| (faster on the oracle toys)")
-    p.add_argument("--beta1", type=float, default=d.betas[0])
-    p.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--max-nan-fraction", type=float, default=d.max_nan_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--beta1", type=float, default=d.betas[0], help="Adam beta1 of both networks (SiD uses 0)")
+    p.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg, help="EMA half-life of the generator in thousands of images")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision, help="accelerate mixed precision")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N iterations (for --resume)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="log losses every N iterations")
+    p.add_argument("--max-nan-fraction", type=float, default=d.max_nan_fraction, help="stop when more than this fraction of generated samples is non-finite")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise streams and initialisation")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
     add_common_args(p, d.prefit)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line options of ``python -m distill sid``."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
