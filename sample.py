@@ -190,6 +190,19 @@ def generate_one_step(model, noise: torch.Tensor, sig_init: float, labels: Optio
     return SampleResult(x=x, nfe=model.nfe, grid=torch.tensor([sig_init, 0.0], dtype=torch.float64), sampler="one_step")
 
 
+def runs_on_cpu(device: Optional[str]) -> bool:
+    """Whether the processes sample on the CPU: asked for, or no accelerator present.
+
+    accelerate's PartialState joins the processes of ``accelerate launch`` / torchrun into one group
+    only when told it is on the CPU (gloo); otherwise each CPU process believed it was alone and drew
+    every image.
+    """
+    if device is not None:
+        return torch.device(device).type == "cpu"
+    acc = getattr(torch, "accelerator", None)
+    return not (acc.is_available() if acc is not None else torch.cuda.is_available())
+
+
 def run(args: argparse.Namespace) -> dict:
     """Sample as the arguments say; returns the manifest (also written to OUT/samples.json)."""
     import samplers
@@ -223,8 +236,9 @@ def run(args: argparse.Namespace) -> dict:
         print("sample.py: adaptive solves one image at a time (its error control would couple a batch)", file=sys.stderr)
         batch_size = 1
 
-    state = PartialState(cpu=args.device == "cpu")
+    state = PartialState(cpu=runs_on_cpu(args.device))
     device = torch.device(args.device) if args.device else state.device
+    device = torch.device("cpu") if device.type == "cpu" else device  # some launchers say cpu:0, which safetensors rejects
     one_step = None  # sig_init of a distilled one-step generator run
     if args.run is not None and distilled_kind(args.run) is not None:
         model, ckpt, one_step = load_distilled_run(args.run, ema=not args.no_ema, device=device)
@@ -275,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
                     save_png(img, out / f"{i:06d}.png")
             else:
                 np.save(out / f"{idx[0]:06d}.npy", res.x.float().cpu().numpy())
-            records.append((idx[0], res.nfe, res.grid.tolist(), res.sampler))
+            records.append((idx[0], res.nfe, res.grid.tolist(), res.sampler, state.process_index, len(idx)))
     records = gather_object(records) if state.num_processes > 1 else records
     state.wait_for_everyone()
     wall = time.perf_counter() - start
@@ -290,6 +304,7 @@ def run(args: argparse.Namespace) -> dict:
         "grid": grid, "num": args.num, "image_shape": list(shape),
         "seeds": {"start": args.seed, "count": args.num, "rule": "image i (file i) uses seed start + i"},
         "batch_size": batch_size, "num_processes": state.num_processes,
+        "images_per_process": [sum(r[5] for r in records if r[4] == p) for p in range(state.num_processes)],
         "checkpoint": ckpt, "dtype": args.dtype, "device": str(device),
         "class_label": args.class_label, "cfg_scale": args.cfg_scale,
         "skip_tuning": None if factors is None else {"rho_bottom": args.skip_tuning, "factors": factors},
