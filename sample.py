@@ -270,7 +270,9 @@ def run(args: argparse.Namespace) -> dict:
                    if args.skip_tuning is not None else None)
         mine = stack.enter_context(state.split_between_processes(list(range(args.num))))
         batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-        for idx in tqdm(batches, desc="sampling", disable=args.no_progress or not state.is_main_process):
+        # counts images (this process's share), not batches: one batch would show only 0/1 then 1/1
+        bar = tqdm(total=len(mine), desc="sampling", unit="img", disable=args.no_progress or not state.is_main_process)
+        for idx in batches:
             gens = samplers.noise.generators(args.seed, len(idx), offset=idx[0])
             noise = samplers.noise.randn((len(idx), *shape), gens).to(device=device, dtype=dtype)
             labels = image_labels(idx, model, args.class_label, args.cfg_scale)
@@ -290,6 +292,8 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 np.save(out / f"{idx[0]:06d}.npy", res.x.float().cpu().numpy())
             records.append((idx[0], res.nfe, res.grid.tolist(), res.sampler, state.process_index, len(idx)))
+            bar.update(len(idx))
+        bar.close()
     records = gather_object(records) if state.num_processes > 1 else records
     state.wait_for_everyone()
     wall = time.perf_counter() - start

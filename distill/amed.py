@@ -85,7 +85,8 @@ def step_weights(grid: list[float], sigma_data: float = 0.5) -> list[float]:
 
 def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, afs: bool,
                     predictor: Optional[AMEDPredictor] = None, iters: int = 300, lr: float = 5e-3, batch: int = 256,
-                    seed: int = TRAIN_SEED, log: Optional[Callable[[str], None]] = None) -> tuple[AMEDPredictor, list[float]]:
+                    seed: int = TRAIN_SEED, log: Optional[Callable[[str], None]] = None,
+                    progress: bool = False) -> tuple[AMEDPredictor, list[float]]:
     """Adam (lr 5e-3, betas 0.9/0.999 as in THEORY) on the weighted per-step L2 to the teacher's next states."""
     g = grid.tolist()
     if len(states) != len(g):
@@ -102,7 +103,10 @@ def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, af
     gen = torch.Generator().manual_seed(seed)
     n = states[0].shape[0]
     history: list[float] = []
-    for it in range(iters):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(iters), desc="amed", unit="it", disable=not progress)
+    for it in bar:
         idx = torch.randperm(n, generator=gen)[: min(batch, n)]
         loss = torch.zeros((), dtype=torch.float64)
         for i in range(len(g) - 1):
@@ -119,7 +123,9 @@ def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, af
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
-        if log is not None and (it % 100 == 0 or it == iters - 1):
+        if progress and (it % 10 == 0 or it == iters - 1):
+            bar.set_postfix(weighted_l2=f"{history[-1]:.3e}")
+        elif log is not None and not progress and (it % 100 == 0 or it == iters - 1):
             log(f"  iter {it:4d}  weighted L2 {history[-1]:.4e}")
     return pred.eval(), history
 
@@ -139,7 +145,7 @@ def distill(teacher: Teacher, nfe: int, afs: bool = True, *, grid: Optional[torc
             teacher_solver: str = "heun", extra_nodes: int = 1, rtol: float = 1e-6, n_train: int = 1024,
             seed: int = TRAIN_SEED, iters: int = 300, lr: float = 5e-3, batch: int = 256, learn_grid: bool = False,
             rounds: int = 2, grid_evals: int = 20, grid_batch: int = 256,
-            log: Optional[Callable[[str], None]] = None) -> AmedFit:
+            log: Optional[Callable[[str], None]] = None, progress: bool = False) -> AmedFit:
     """Train an AMED predictor for ``mvt`` at ``nfe`` (2 per step, one less with AFS), optionally with its nodes."""
     model = teacher.model
     opts = {"afs": afs}
@@ -168,14 +174,15 @@ def distill(teacher: Teacher, nfe: int, afs: bool = True, *, grid: Optional[torc
             log(f"round {rnd}: grid " + ", ".join(f"{v:.4g}" for v in g.tolist()))
         states = teacher_states(model, noise, g, solver=teacher_solver, extra_nodes=extra_nodes, rtol=rtol, atol=rtol)
         pred, h = train_predictor(model, g, states, afs=afs, predictor=pred, iters=iters, lr=lr, batch=batch,
-                                  seed=seed + rnd, log=log)
+                                  seed=seed + rnd, log=log, progress=progress)
         history += h
         x = sample_with_grid(model, noise[:k], g, "mvt", {"predictor": pred, "afs": afs})
         mse = float((x.double() - final.double()).pow(2).mean())
         consider(mse, g)
         entry = {"round": rnd, "final_mse_after_predictor": mse}
         if learn_grid and rnd < rounds - 1:
-            fit = fit_grid(model, noise[:k], final, g, "mvt", {"predictor": pred, "afs": afs}, max_evals=grid_evals)
+            fit = fit_grid(model, noise[:k], final, g, "mvt", {"predictor": pred, "afs": afs}, max_evals=grid_evals,
+                           progress=progress)
             entry["final_mse_after_grid_fit"] = fit.loss_final
             g = fit.grid
             consider(fit.loss_final, g)
@@ -223,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learn-grid", action="store_true", help="learn the sigma nodes jointly (alternating)")
     p.add_argument("--rounds", type=int, default=3, help="with --learn-grid: predictor/grid alternations")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--no-progress", action="store_true", help="print log lines instead of a tqdm progress bar")
     p.add_argument("--out", required=True, help="where to write the predictor (.safetensors)")
     return p
 
@@ -237,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     fit = distill(teacher, args.nfe, args.afs, grid=grid, teacher_solver=args.teacher_solver,
                   extra_nodes=args.extra_nodes, rtol=args.rtol, n_train=args.n_train, seed=args.seed,
                   iters=args.iters, lr=args.lr, batch=args.batch, learn_grid=args.learn_grid, rounds=args.rounds,
-                  log=print)
+                  log=print, progress=not args.no_progress)
     path = save(args.out, fit)
     print(f"mvt predictor for NFE {args.nfe} (afs={args.afs}) on grid "
           + ", ".join(f"{v:.5g}" for v in fit.grid.tolist()))

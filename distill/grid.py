@@ -161,7 +161,7 @@ def sample_with_grid(model, noise: torch.Tensor, grid: torch.Tensor, sampler: st
 
 def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.Tensor, sampler: str,
              options: Optional[dict] = None, *, max_evals: int = 30, fd_step: float = 1e-3,
-             log: Optional[Callable[[str], None]] = None) -> GridFit:
+             log: Optional[Callable[[str], None]] = None, progress: bool = False) -> GridFit:
     """Least squares (scipy's trust-region LM) on theta: residuals = sampler output - ``target`` (teacher finals).
 
     The objective is a sum of squares over a fixed batch, so a Gauss-Newton method with a
@@ -182,6 +182,9 @@ def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.
     tgt = target.double().reshape(-1)
     scale = 1 / math.sqrt(tgt.numel())  # residuals scaled so that |r|^2 is the per-value MSE
     history: list[float] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="grid fit", unit="solve", disable=not progress)  # one sampler run per residual evaluation
 
     def residuals(th: np.ndarray) -> np.ndarray:
         g = theta_to_grid(top, torch.as_tensor(th, dtype=torch.float64))
@@ -189,13 +192,16 @@ def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.
         if not bool(torch.isfinite(r).all()):
             raise FloatingPointError(f"grid fit: {int((~torch.isfinite(r)).sum())} non-finite residuals at grid {g.tolist()}")
         history.append(float(r.pow(2).sum()))
-        if log is not None:
+        bar.update(1)
+        bar.set_postfix(mse=f"{history[-1]:.3e}")
+        if log is not None and not progress:
             log(f"  eval {len(history):3d}  mse {history[-1]:.4e}  grid " + ", ".join(f"{v:.4g}" for v in g.tolist()))
         return r.numpy()
 
     loss_init = float(((sample_with_grid(model, noise, init_grid, sampler, options).double().reshape(-1) - tgt) * scale)
                       .pow(2).sum())
     res = least_squares(residuals, theta0.numpy(), method="trf", diff_step=fd_step, max_nfev=max_evals, x_scale="jac")
+    bar.close()
     theta = torch.as_tensor(res.x, dtype=torch.float64)
     loss_final = 2 * float(res.cost)
     if loss_final > loss_init:  # never hand back a grid worse than the one we started from
@@ -244,7 +250,7 @@ def initial_grid(model, sampler: str, nfe: int, options: dict, kind: Optional[st
 def learn(teacher: Teacher, sampler: str, nfe: int, options: Optional[dict] = None, *, n_train: int = 512,
           n_val: int = 256, seed: int = TRAIN_SEED, init: Optional[torch.Tensor] = None,
           teacher_solver: str = "adaptive", extra_nodes: int = 8, rtol: float = 1e-6, max_evals: int = 30,
-          fd_step: float = 1e-3, log: Optional[Callable[[str], None]] = None) -> GridFit:
+          fd_step: float = 1e-3, log: Optional[Callable[[str], None]] = None, progress: bool = False) -> GridFit:
     """Draw training noises, solve the teacher once, fit the grid, and keep it only if it helps on held-out noises.
 
     Noises ``seed .. seed + n_train - 1`` fit the grid; the next ``n_val`` (still training seeds,
@@ -260,7 +266,7 @@ def learn(teacher: Teacher, sampler: str, nfe: int, options: Optional[dict] = No
     target = teacher_states(model, noise, init, solver=teacher_solver, extra_nodes=extra_nodes,
                             rtol=rtol, atol=rtol)[-1]
     fit = fit_grid(model, noise[:n_train], target[:n_train], init, sampler, options, max_evals=max_evals,
-                   fd_step=fd_step, log=log)
+                   fd_step=fd_step, log=log, progress=progress)
     meta = {"teacher": teacher.spec, "teacher_solver": teacher_solver, "extra_nodes": extra_nodes, "rtol": rtol,
             "train_seed": seed, "n_train": n_train, "n_val": n_val, "max_evals": max_evals, "fd_step": fd_step,
             "init_grid": [float(v) for v in init]}
@@ -309,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-evals", type=int, default=30, help="least-squares iterations (sampler runs besides the Jacobian's)")
     p.add_argument("--fd-step", type=float, default=1e-3, help="relative finite-difference step of the least-squares Jacobian")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--no-progress", action="store_true", help="print one line per evaluation instead of a tqdm progress bar")
     p.add_argument("--out", required=True, help="where to write the grid (.json)")
     return p
 
@@ -324,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     fit = learn(teacher, args.sampler, args.nfe, options, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                 init=init,
                 teacher_solver=args.teacher_solver, extra_nodes=args.extra_nodes, rtol=args.rtol, max_evals=args.max_evals,
-                fd_step=args.fd_step, log=print)
+                fd_step=args.fd_step, log=print, progress=not args.no_progress)
     path = save_grid(args.out, fit)
     print(f"grid for {fit.sampler} {fit.options} at NFE {args.nfe}: "
           + ", ".join(f"{v:.5g}" for v in fit.grid.tolist()))
