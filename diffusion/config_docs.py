@@ -31,7 +31,6 @@ MEANINGS = {
     "train.grad_accum": "micro-batches accumulated per optimizer step (through accelerate)",
     "train.seed": "seed of the initial weights, data order and noise draws",
     "train.log_every": "log loss, lr, grad norm and throughput every N steps",
-    "train.tensorboard": "log to the tracker (train.log_with) at all",
     "preview.n": "images in each preview grid",
     "preview.nfe": "network evaluations per preview image",
 }

@@ -488,6 +488,8 @@ def add_common_args(p, prefit: "PrefitConfig") -> None:
     p.add_argument("--cache-dir", default="runs/.cache", help="where oracle pre-fits are cached")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a shared CPU)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--log-with", default="tensorboard",
+                   help="accelerate tracker(s) for losses, samples and the config (comma list; 'none' for no tracking)")
 
 
 def apply_common_args(a) -> "PrefitConfig":

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from diffusion.cli import HelpFormatter
+from diffusion.trackers import RunTrackers, check_log_with, hyperparameters, log_image
 from diffusion.losses import Draw, build_objective
 from diffusion.schedules import by_name
 from diffusion.score_model import ScoreModel
@@ -345,7 +346,7 @@ def _write_run(run: Path, inner: ScoreModel, ema_net: nn.Module, base: dict, ext
 
 def reflow(teacher: Teacher | str, out: str | Path, cfg: ReflowConfig = ReflowConfig(),
            cache_dir: str | Path | None = "runs/.cache", progress: bool = True,
-           log: Callable[[str], None] = print) -> ReflowResult:
+           log: Callable[[str], None] = print, log_with: Optional[str] = "tensorboard") -> ReflowResult:
     """Pairs from the teacher's ODE, a reflowed flow initialised from the teacher, optional one-step student."""
     cfg.validate()
     if isinstance(teacher, str):
@@ -378,6 +379,11 @@ def reflow(teacher: Teacher | str, out: str | Path, cfg: ReflowConfig = ReflowCo
             "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in asdict(cfg).items()}}
     _write_run(run, inner, ema_net, base, {"kind": "reflow", "reflow": info}, samples)
     (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    trackers = RunTrackers(check_log_with(log_with, "--log-with"), run, config=hyperparameters(info))
+    for i, h in enumerate(history):
+        trackers.log(h, step=int(h.get("step", i)))
+    log_image(trackers, "samples", run / "samples.png", int(cfg.iters))
+    trackers.finish()
     log(f"reflow: S {stats.get('straightness_init', float('nan')):.4g} -> {stats.get('straightness', float('nan')):.4g}, "
         f"transport cost teacher {stats['teacher_cost']:.4g}, student {stats.get('student_cost', float('nan')):.4g}")
     one = None
@@ -440,6 +446,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = ReflowConfig(pairs=a.pairs, val_pairs=a.val_pairs, chunk=a.chunk, rtol=a.rtol, atol=a.atol, iters=a.iters,
                        batch=a.batch, lr=a.lr, one_step_iters=a.one_step_iters, one_step_lr=a.one_step_lr, seed=a.seed,
                        prefit=prefit_cfg)
-    res = reflow(a.teacher, a.out, cfg, cache_dir=a.cache_dir, progress=not a.no_progress)
+    res = reflow(a.teacher, a.out, cfg, cache_dir=a.cache_dir, progress=not a.no_progress, log_with=a.log_with)
     print(json.dumps({k: v for k, v in res.stats.items()}, indent=1))
     return 0

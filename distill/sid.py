@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from diffusion.cli import HelpFormatter
+from diffusion.trackers import RunTrackers, check_log_with, hyperparameters, log_image
 from diffusion.losses import Draw, build_objective
 from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
@@ -443,7 +444,8 @@ def _check_run_folder(run: Path, teacher: Teacher, resume: bool) -> Optional[Pat
 def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfig(), resume: bool = False,
               init: Optional[tuple[ScoreModel, Optional[DictConfig]]] = None, cache_dir: str | Path | None = "runs/.cache",
               progress: bool = True, callback: Optional[Callable[[SiD, dict], None]] = None,
-              log: Callable[[str], None] = print, time_limit_s: Optional[float] = None) -> SiD:
+              log: Callable[[str], None] = print, time_limit_s: Optional[float] = None,
+              log_with: Optional[str] = "tensorboard") -> SiD:
     """Run SiD into the run folder ``out`` (``resume=True`` continues from its last checkpoint).
 
     ``time_limit_s`` stops training early (a checkpoint and the outputs are still written, and the
@@ -474,6 +476,8 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
         run.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_config(teacher, init[1], cfg))))
         write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    tracked = check_log_with(log_with, "--log-with") if sid.acc.is_main_process else None
+    trackers = RunTrackers(tracked, run, config=hyperparameters(run_config(teacher, init[1], cfg)))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.iters, initial=sid.step_count, desc="sid", disable=not (progress and sid.acc.is_main_process))
     while sid.step_count < cfg.iters:
@@ -488,6 +492,7 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
             if sid.acc.is_main_process:
                 with open(run / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                trackers.log(row, step=sid.step_count)
             bar.set_postfix(loss_gen=f"{row['loss_gen']:.3g}", loss_fake=f"{row['loss_fake']:.3g}", nan=row["nan_samples"])
         if sid.step_count % cfg.checkpoint_every == 0 or sid.step_count == cfg.iters or out_of_time:
             sid.save(run)
@@ -498,6 +503,9 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
     if sid.nan.bad:
         log(f"sid: {sid.nan.bad} of {sid.nan.total} generator samples were non-finite and left out of the losses")
     save_outputs(run, sid, history)
+    if (run / "samples.png").is_file():
+        log_image(trackers, "samples", run / "samples.png", sid.step_count)
+    trackers.finish()
     return sid
 
 
@@ -547,7 +555,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     max_nan_fraction=a.max_nan_fraction, seed=a.seed,
                     prefit=prefit_cfg)
     train_sid(a.teacher, a.out, cfg, resume=a.resume, cache_dir=a.cache_dir, progress=not a.no_progress,
-              time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min)
+              time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min, log_with=a.log_with)
     print(f"sid: wrote {a.out}: a one-step generator (kind: generator, sig_init {cfg.sig_init}); "
           f"sample it with `python sample.py --run {a.out}`")
     return 0
