@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which dataset and how it is read."""
 
-    name: str = "digits"  # digits | gmm2d | cifar10 | folder
+    name: str = "digits"  # digits | gmm2d | cifar10 | folder | hf (Hugging Face datasets)
     root: Optional[str] = None  # folder / cifar10 location (digits and gmm2d take none)
     resolution: Optional[int] = None  # None: the dataset's native size
     options: Dict[str, Any] = field(default_factory=dict)  # dataset-specific: hflip, download, channels, ...
