@@ -248,11 +248,13 @@ def run(args: argparse.Namespace) -> dict:
     else:
         model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
     check_conditioning(model, args.class_label, args.cfg_scale)
-    native_grid, native_opts = None, {}
+    native_grid, native_opts, native_scale = None, {}, 1.0
     if getattr(model, "diffusers_scheduler", None) is not None:  # --pretrained: its own sampler takes its own steps
-        from diffusion.scheduler_fields import native_sampling
+        from diffusion.scheduler_fields import native_noise_scale, native_sampling
 
         native_grid, native_opts = native_sampling(model, model.diffusers_scheduler, sampler, args.nfe, opts)
+        if native_grid is not None:  # and starts where the pipeline starts
+            native_scale = native_noise_scale(model, model.diffusers_scheduler, native_grid)
     if args.cfg_scale is not None and args.cfg_scale != 1.0:
         model = model.with_guidance(args.cfg_scale)
     dtype = DTYPES[args.dtype]
@@ -275,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
         for idx in batches:
             gens = samplers.noise.generators(args.seed, len(idx), offset=idx[0])
             noise = samplers.noise.randn((len(idx), *shape), gens).to(device=device, dtype=dtype)
+            noise = noise * native_scale if native_scale != 1.0 else noise
             labels = image_labels(idx, model, args.class_label, args.cfg_scale)
             labels = None if labels is None else labels.to(device)
             if one_step is not None:

@@ -130,4 +130,18 @@ def native_sampling(model: ScoreModel, scheduler, sampler: Optional[str], nfe: O
     return torch.cat([s.sigma_edm(t), torch.zeros(1, dtype=torch.float64)]), extra
 
 
-__all__ = ["NATIVE_SAMPLERS", "dynamic_threshold", "x0_transform", "ProcessedX0Model", "native_sampling", "refuse"]
+def native_noise_scale(model: ScoreModel, scheduler, grid: torch.Tensor) -> float:
+    """Factor on unit noise so our start equals the pipeline's ``init_noise_sigma * eps``.
+
+    ``samplers.sample`` starts at sigma(t_0) * noise; DDIM/DDPM pipelines start at eps, EDM ones at
+    sqrt(sigma_max^2 + 1) * eps (k-diffusion's convention).
+    """
+    from samplers.core import alpha_at
+
+    se0 = float(grid[0])
+    s = model.schedule
+    start = float(s.sigma(s.t_max)) if se0 == float("inf") else alpha_at(s, se0) * se0
+    return float(getattr(scheduler, "init_noise_sigma", 1.0)) / start
+
+
+__all__ = ["native_noise_scale", "NATIVE_SAMPLERS", "dynamic_threshold", "x0_transform", "ProcessedX0Model", "native_sampling", "refuse"]

@@ -14,6 +14,7 @@ from diffusion import build
 from diffusion.checkpoint import save_run
 from diffusion.config import load_config
 from diffusion.export import EXPORT_INFO, main as export_main, verify
+from samplers.noise import generators
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")
@@ -89,14 +90,22 @@ def test_export_loads_in_stock_diffusers_and_reads_back(recipe, tmp_path, capsys
     # the stock pipeline and our sampler on the scheduler's grid, same per-image noise
     v = verify(run, out, num=3, steps=6, seed=5)
     assert v["nfe"] == 6 and v["max_diff_grey_levels"] < 0.05 and v["max_rel_diff_unclamped"] < 1e-4, v
-    # sample.py --pretrained OUT reads it back: the same images as sample.py --run RUN
+    # sample.py --pretrained OUT reads it back: with any other sampler the same images as sample.py --run RUN
+    # (EDM and flow read back to the same schedule; a DDIM export's record rebuilds the continuous one) ...
     for src, arg in (("run", run), ("pretrained", out)):
-        assert sample.main([f"--{src}", str(arg), "--sampler", sampler, "--nfe", "4", "--num", "3", "--seed", "5",
-                            "--out", str(tmp_path / src), "--device", "cpu", "--no-progress"]) == 0
-    ours, back = images(tmp_path / "run"), images(tmp_path / "pretrained")
+        assert sample.main([f"--{src}", str(arg), "--sampler", "ipndm", "--nfe", "6", "--num", "3", "--seed", "5",
+                            "--out", str(tmp_path / f"s_{src}"), "--device", "cpu", "--no-progress"]) == 0
+    ours, back = images(tmp_path / "s_run"), images(tmp_path / "s_pretrained")
     assert 20 < ours.std() and (ours % 255 != 0).mean() > 0.05  # not all saturated (digits have black backgrounds)
-    # EDM and flow read back to the same schedule; a DDIM export's record rebuilds the continuous one
     assert np.array_equal(ours, back)
+    # ... and with the scheduler's own sampler the stock pipeline's images (its steps, its start)
+    assert sample.main(["--pretrained", str(out), "--sampler", sampler, "--nfe", "6", "--num", "3", "--seed", "5",
+                        "--out", str(tmp_path / "native"), "--device", "cpu", "--no-progress"]) == 0
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"eta": 0.0} if pipeline == "DDIMPipeline" else {}
+    theirs = pipe(batch_size=3, generator=generators(5, 3), num_inference_steps=6, output_type="np", **kw).images
+    theirs = np.round(theirs * 255).astype(int)
+    assert np.abs(images(tmp_path / "native").reshape(theirs.shape) - theirs).max() <= 1
 
 
 def test_refuses_to_overwrite_and_names_what_is_missing(tmp_path, capsys):

@@ -7,9 +7,8 @@ from diffusers import (ConsistencyModelPipeline, DDIMPipeline, DDIMScheduler, DD
                        EDMEulerScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel)
 
 import samplers
-from diffusion.export import start_sigma
 from diffusion.pretrained import load_pretrained
-from diffusion.scheduler_fields import native_sampling
+from diffusion.scheduler_fields import native_noise_scale, native_sampling
 from samplers.noise import generators, randn
 
 N, SEED = 3, 4
@@ -42,7 +41,7 @@ def theirs_and_ours(tmp_path, pipe_cls, scheduler, steps, sampler, opts=None, ou
     assert grid is not None
     gens = generators(SEED, N)  # the initial noise, then (stochastic samplers) every step's noise, as diffusers draws
     noise = randn((N, 1, 8, 8), gens)
-    noise = noise * (float(getattr(pipe.scheduler, "init_noise_sigma", 1.0)) / start_sigma(model.schedule, float(grid[0])))
+    noise = noise * native_noise_scale(model, model.diffusers_scheduler, grid)
     ours = samplers.sample(model, noise, sampler=sampler, grid=grid, generator=gens, **opts, **extra).x
     return last[0], ours
 
