@@ -238,18 +238,28 @@ class HFImageDataset(_FlipDoubled):
         else:
             if not path.exists() and root.count("/") != 1:
                 raise FileNotFoundError(f"hf dataset {root!r}: no such folder, and not a Hub id (owner/name)")
-            old = os.environ.get("HF_DATASETS_OFFLINE")
-            os.environ["HF_DATASETS_OFFLINE"] = "1"  # never download: a Hub id must already be cached
+            import huggingface_hub.constants as hub_constants
+
+            # never download: a Hub id must already be cached (the flags are read at import, so set the modules')
+            flags = [(datasets.config, "HF_DATASETS_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                     (hub_constants, "HF_HUB_OFFLINE")]
+            saved = [(mod, name, getattr(mod, name)) for mod, name in flags if hasattr(mod, name)]
+            old_env = os.environ.get("HF_DATASETS_OFFLINE")
+            os.environ["HF_DATASETS_OFFLINE"] = "1"
+            for mod, name, _ in saved:
+                setattr(mod, name, True)
             try:
                 ds = datasets.load_dataset(str(path) if path.exists() else root, split=split)
             except Exception as e:  # not cached, no data files...: say what was tried
                 raise FileNotFoundError(f"hf dataset {root!r} split {split!r} could not be loaded offline "
                                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
             finally:
-                if old is None:
+                for mod, name, value in saved:
+                    setattr(mod, name, value)
+                if old_env is None:
                     os.environ.pop("HF_DATASETS_OFFLINE", None)
                 else:
-                    os.environ["HF_DATASETS_OFFLINE"] = old
+                    os.environ["HF_DATASETS_OFFLINE"] = old_env
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"hf dataset {root!r} has no split {split!r}; splits: {list(ds)}")
