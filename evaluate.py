@@ -1,6 +1,7 @@
 """Evaluate samples and models: FID/KID (clean-fid), PF-ODE bits/dim, offline digits measures.
 
-    python evaluate.py fid --samples DIR --ref cifar10-train|DIR|stats.npz [--features NAME] [--inception PATH]
+    python evaluate.py fid --samples DIR --ref cifar10-train|DIR|stats.npz [--protocol clean|legacy-tf|edm] [--features NAME]
+    python evaluate.py fid50k --run RUN --ref edm-ref.npz --samples-dir DIR   # 3 x 50k images, min and mean
     python evaluate.py nll --run RUN_DIR | --pretrained DIR_OR_HUB_ID [--data NAME] [--num N]
     python evaluate.py digits --samples DIR
 
@@ -21,48 +22,70 @@ from typing import Optional, Sequence
 
 import torch
 
-from diffusion.cli import check_device, run_main
+from diffusion.cli import HelpFormatter, check_device, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The evaluate.py argument parser with its three sub-commands."""
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fid", help="FID and KID of a samples folder against a reference (clean-fid)")
+    f = sub.add_parser("fid", help="FID and KID of a samples folder against a reference (clean-fid)",
+                       formatter_class=HelpFormatter)
     f.add_argument("--samples", required=True, help="folder of generated images (sample.py output)")
     f.add_argument("--ref", required=True, help="cifar10-train | cifar10-test | folder of images | statistics .npz")
     f.add_argument("--features", default="inception", help="inception (default), randconv, pixels, or module:factory")
     f.add_argument("--inception", default=None, help="local inception-2015-12-05.pt (else $UD_INCEPTION_WEIGHTS, cache, download)")
-    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
     f.add_argument("--no-kid", action="store_true", help="skip KID (clean-fid's estimator: 100 subsets of up to 1000 images)")
     f.add_argument("--no-manifest", action="store_true",
                    help="score a folder of images that sample.py did not write (no samples.json): provenance unknown")
+    f.add_argument("--protocol", default="clean", choices=["clean", "legacy-tf", "edm"],
+                   help="clean: clean-fid; legacy-tf: TF-Inception resizing (StyleGAN, TTUR); edm: legacy-tf against an "
+                        "EDM/ADM reference .npz (EDM, AMED, SiD, GITS)")
 
-    n = sub.add_parser("nll", help="negative log-likelihood in bits/dim through the PF-ODE")
+    k = sub.add_parser("fid50k", help="EDM's recipe: sample 3 disjoint seed sets of 50k images, FID each, min and mean",
+                       formatter_class=HelpFormatter)
+    ksrc = k.add_mutually_exclusive_group(required=True)
+    ksrc.add_argument("--run", help="run folder written by train.py")
+    ksrc.add_argument("--pretrained", help="diffusers pipeline folder")
+    k.add_argument("--ref", required=True, help="reference: EDM/ADM statistics .npz (edm protocol) or as for fid")
+    k.add_argument("--protocol", default="edm", choices=["clean", "legacy-tf", "edm"], help="FID protocol (see fid)")
+    k.add_argument("--samples-dir", required=True, help="folder for the sample sets (one subfolder per seed range)")
+    k.add_argument("--sampler", default=None, help="sampler (default: sample.py's default)")
+    k.add_argument("--nfe", type=int, default=None, help="network-evaluation budget per image")
+    k.add_argument("--num", type=int, default=50_000, help="images per seed set (published numbers: 50000)")
+    k.add_argument("--seed-sets", type=int, default=3, help="disjoint seed ranges 0.., num.., 2 num.. (EDM: 3, min reported)")
+    k.add_argument("--features", default="inception", help="inception, or a stand-in (randconv, pixels, module:factory)")
+    k.add_argument("--inception", default=None, help="local inception-2015-12-05.pt")
+    k.add_argument("--batch-size", type=int, default=64, help="images per batch (sampling and features)")
+
+    n = sub.add_parser("nll", help="negative log-likelihood in bits/dim through the PF-ODE", formatter_class=HelpFormatter)
     src = n.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder written by train.py")
     src.add_argument("--pretrained", help="diffusers pipeline folder or Hub id")
     n.add_argument("--data", default=None, help="dataset name (default: the run's dataset; required with --pretrained)")
     n.add_argument("--data-root", default=None, help="dataset root (cifar10, folder)")
     n.add_argument("--num", type=int, default=256, help="number of data points (a seeded random subset)")
-    n.add_argument("--batch-size", type=int, default=64)
-    n.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson")
-    n.add_argument("--rtol", type=float, default=1e-5)
-    n.add_argument("--atol", type=float, default=1e-5)
+    n.add_argument("--batch-size", type=int, default=64, help="data points per ODE solve")
+    n.add_argument("--trace", choices=["hutchinson", "exact"], default="hutchinson",
+                   help="divergence estimator: Hutchinson (one Rademacher probe) or the exact trace (D backward passes)")
+    n.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    n.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
     n.add_argument("--t-eps", type=float, default=1e-5, help="start time of the ODE (clean data at t=0)")
     n.add_argument("--bits", type=int, default=None, help="bit depth for dequantisation (default 8 for images, none for vectors)")
     n.add_argument("--seed", type=int, default=0, help="subset, dequantisation noise and Hutchinson probes")
-    n.add_argument("--no-ema", action="store_true")
+    n.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
 
-    d = sub.add_parser("digits", help="offline digits measures: pixel Frechet distance and a digit-classifier score")
+    d = sub.add_parser("digits", help="offline digits measures: pixel Frechet distance and a digit-classifier score",
+                       formatter_class=HelpFormatter)
     d.add_argument("--samples", required=True, help="folder of generated digit images")
     d.add_argument("--no-manifest", action="store_true", help="score a folder without samples.json (see fid)")
 
-    for s in (f, n, d):
+    for s in (f, n, d, k):
         s.add_argument("--out", default=None, help="also write the JSON record to this file")
-        s.add_argument("--device", default="cpu")
-        s.add_argument("--no-progress", action="store_true")
+        s.add_argument("--device", default="cpu", help="torch device")
+        s.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
 
@@ -133,9 +156,44 @@ def cmd_fid(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     rec = fid_kid(args.samples, args.ref, features=args.features, inception=args.inception,
-                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress, kid=not args.no_kid)
+                  batch_size=args.batch_size, device=args.device, progress=not args.no_progress, kid=not args.no_kid,
+                  protocol=args.protocol)
     check_finite_record(rec, "FID/KID", ("fid", "kid"))
-    return {"metric": "fid", "samples": str(args.samples), **rec, "sampling": manifest_info(args.samples)}
+    info = manifest_info(args.samples)
+    return {"metric": "fid", "samples": str(args.samples), **rec, "seeds": (info or {}).get("seeds"), "sampling": info}
+
+
+def cmd_fid50k(args: argparse.Namespace) -> dict:
+    """evaluate.py fid50k: sample the seed sets with sample.py, FID each against one reference."""
+    import importlib.util
+
+    from diffusion.fid_protocols import check_protocol, fid50k
+    from diffusion.metrics import fid_kid
+
+    check_protocol(args.protocol, args.ref)
+    spec = importlib.util.spec_from_file_location("sample_for_fid50k", Path(__file__).resolve().parent / "sample.py")
+    sample_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_cli)
+    source = ["--run", args.run] if args.run else ["--pretrained", args.pretrained]
+    opts = (["--sampler", args.sampler] if args.sampler else []) + (["--nfe", str(args.nfe)] if args.nfe else [])
+
+    def draw(first_seed: int, folder: Path) -> None:
+        argv = [*source, *opts, "--num", str(args.num), "--seed", str(first_seed), "--out", str(folder),
+                "--batch-size", str(args.batch_size), "--device", args.device] + (["--no-progress"] if args.no_progress else [])
+        if sample_cli.main(argv) != 0:
+            raise ValueError(f"sampling seeds {first_seed}..{first_seed + args.num - 1} failed (see above)")
+
+    def score(folder: Path) -> dict:
+        rec = fid_kid(folder, args.ref, features=args.features, inception=args.inception, batch_size=args.batch_size,
+                      device=args.device, progress=not args.no_progress, kid=False, protocol=args.protocol)
+        return check_finite_record(rec, f"FID of {folder}", ("fid",))
+
+    res = fid50k(draw, score, args.samples_dir, num=args.num, sets=args.seed_sets)
+    first = res.pop("first_record")
+    return {"metric": "fid50k", **res, "protocol": first["protocol"], "protocol_matches": first["protocol_matches"],
+            "reference": first["reference"], "features": first["features"], "features_info": first["features_info"],
+            "num_images": args.num * args.seed_sets, "sampling": manifest_info(res["seed_sets"][0]["folder"]),
+            "note": first["note"]}
 
 
 def cmd_digits(args: argparse.Namespace) -> dict:
@@ -225,7 +283,7 @@ def json_safe(obj):
     return obj
 
 
-COMMANDS = {"fid": cmd_fid, "nll": cmd_nll, "digits": cmd_digits}
+COMMANDS = {"fid": cmd_fid, "fid50k": cmd_fid50k, "nll": cmd_nll, "digits": cmd_digits}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from diffusion.checkpoint import write_text_atomic
-from diffusion.cli import check_device, folder_is_used, refuse_overwrite, run_main
+from diffusion.cli import HelpFormatter, check_device, folder_is_used, refuse_overwrite, run_main
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GRID_MAX_IMAGES = 256
@@ -46,14 +46,14 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The sample.py argument parser."""
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder written by train.py (config.yaml + safetensors weights)")
     src.add_argument("--pretrained", help="diffusers pipeline folder (DDPMPipeline layout) or Hub id")
     p.add_argument("--sampler", default=None, help="sampler name (default: the measured default; see samplers.available())")
     p.add_argument("--nfe", type=int, default=None, help="network-evaluation budget (not for adaptive samplers)")
     p.add_argument("--num", type=int, required=True, help="number of images")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per network call (does not change the images)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
     p.add_argument("--out", required=True, help="output folder for PNGs and samples.json")
     p.add_argument("--grid", default=None, metavar="FILE.png", help=f"also write a grid of the first {GRID_MAX_IMAGES} images")
@@ -322,6 +322,19 @@ def generate_one_step(model, noise: torch.Tensor, sig_init: float, labels: Optio
     return SampleResult(x=x, nfe=model.nfe, grid=torch.tensor([sig_init, 0.0], dtype=torch.float64), sampler="one_step")
 
 
+def runs_on_cpu(device: Optional[str]) -> bool:
+    """Whether the processes sample on the CPU: asked for, or no accelerator present.
+
+    accelerate's PartialState joins the processes of ``accelerate launch`` / torchrun into one group
+    only when told it is on the CPU (gloo); otherwise each CPU process believed it was alone and drew
+    every image.
+    """
+    if device is not None:
+        return torch.device(device).type == "cpu"
+    acc = getattr(torch, "accelerator", None)
+    return not (acc.is_available() if acc is not None else torch.cuda.is_available())
+
+
 def run(args: argparse.Namespace) -> dict:
     """Sample as the arguments say; returns the manifest (also written to OUT/samples.json)."""
     import samplers
@@ -357,8 +370,9 @@ def run(args: argparse.Namespace) -> dict:
         print("sample.py: adaptive solves one image at a time (its error control would couple a batch)", file=sys.stderr)
         batch_size = 1
 
-    state = PartialState(cpu=args.device == "cpu")
+    state = PartialState(cpu=runs_on_cpu(args.device))
     device = torch.device(args.device) if args.device else state.device
+    device = torch.device("cpu") if device.type == "cpu" else device  # some launchers say cpu:0, which safetensors rejects
     one_step = None  # sig_init of a distilled one-step generator run
     if args.run is not None and distilled_kind(args.run) is not None:
         model, ckpt, one_step = load_distilled_run(args.run, ema=not args.no_ema, device=device)
@@ -368,6 +382,13 @@ def run(args: argparse.Namespace) -> dict:
     else:
         model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
     check_conditioning(model, args.class_label, args.cfg_scale)
+    native_grid, native_opts, native_scale = None, {}, 1.0
+    if getattr(model, "diffusers_scheduler", None) is not None:  # --pretrained: its own sampler takes its own steps
+        from diffusion.scheduler_fields import native_noise_scale, native_sampling
+
+        native_grid, native_opts = native_sampling(model, model.diffusers_scheduler, sampler, args.nfe, opts)
+        if native_grid is not None:  # and starts where the pipeline starts
+            native_scale = native_noise_scale(model, model.diffusers_scheduler, native_grid)
     dtype = DTYPES[args.dtype]
     model.net.to(dtype)
     if args.compile:  # in place: compiles on the first batch, later batches of the same shape reuse it
@@ -389,16 +410,19 @@ def run(args: argparse.Namespace) -> dict:
                    if args.skip_tuning is not None else None)
         mine = stack.enter_context(state.split_between_processes(list(range(args.num))))
         batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-        for idx in tqdm(batches, desc="sampling", disable=args.no_progress or not state.is_main_process):
+        # counts images (this process's share), not batches: one batch would show only 0/1 then 1/1
+        bar = tqdm(total=len(mine), desc="sampling", unit="img", disable=args.no_progress or not state.is_main_process)
+        for idx in batches:
             gens = samplers.noise.generators(args.seed, len(idx), offset=idx[0])
             noise = samplers.noise.randn((len(idx), *shape), gens).to(device=device, dtype=dtype)
+            noise = noise * native_scale if native_scale != 1.0 else noise
             labels = image_labels(idx, model, args.class_label, label_scale)
             labels = None if labels is None else labels.to(device)
             if one_step is not None:
                 res = generate_one_step(model, noise, one_step, labels)
             else:
                 res = samplers.sample(model, noise, sampler=sampler, nfe=args.nfe, generator=gens,
-                                      class_labels=labels, **opts)
+                                      class_labels=labels, grid=native_grid, **opts, **native_opts)
             bad = int((~torch.isfinite(res.x)).reshape(len(idx), -1).any(1).sum())
             if bad:
                 raise FloatingPointError(f"{bad} of {len(idx)} samples in images {idx[0]}..{idx[-1]} are not finite "
@@ -408,7 +432,9 @@ def run(args: argparse.Namespace) -> dict:
                     save_png(img, out / f"{i:06d}.png")
             else:
                 np.save(out / f"{idx[0]:06d}.npy", res.x.float().cpu().numpy())
-            records.append((idx[0], res.nfe, res.grid.tolist(), res.sampler))
+            records.append((idx[0], res.nfe, res.grid.tolist(), res.sampler, state.process_index, len(idx)))
+            bar.update(len(idx))
+        bar.close()
     records = gather_object(records) if state.num_processes > 1 else records
     state.wait_for_everyone()
     wall = time.perf_counter() - start
@@ -423,10 +449,11 @@ def run(args: argparse.Namespace) -> dict:
         "grid": grid, "num": args.num, "image_shape": list(shape),
         "seeds": {"start": args.seed, "count": args.num, "rule": "image i (file i) uses seed start + i"},
         "batch_size": batch_size, "num_processes": state.num_processes,
+        "images_per_process": [sum(r[5] for r in records if r[4] == p) for p in range(state.num_processes)],
         "checkpoint": ckpt, "dtype": args.dtype, "device": str(device),
         "class_label": args.class_label, "cfg_scale": args.cfg_scale, "guidance": guidance,
         "skip_tuning": None if factors is None else {"rho_bottom": args.skip_tuning, "factors": factors},
-        "predictor": args.predictor, "options": {k: v for k, v in opts.items() if k != "predictor"},
+        "predictor": args.predictor, "options": {k: v for k, v in {**opts, **native_opts}.items() if k != "predictor"},
         "wall_time_s": wall, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "command": "sample.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sample.py") else None,

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 import torch
 
 import samplers
-from diffusion.cli import run_main
-from diffusion.config import ConfigError, load_config
+from diffusion.cli import HelpFormatter, run_main
+from diffusion.config import ConfigError, load_config, to_yaml
 from diffusion.score_model import ScoreModel
 from diffusion.training import NonFiniteLossError, SampleFn, TrainResult, train
 
@@ -46,17 +46,27 @@ def check_preview(nfe: int, sampler: Optional[str]) -> None:
         raise ConfigError(f"preview.sampler={sampler} preview.nfe={nfe}: {e}") from None
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command-line arguments."""
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py argument parser (its epilog lists every config key)."""
+    from diffusion.config_docs import help_epilog
+
     # no abbreviations: `--resum latest` must be an error, not a silent --resume
-    p = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML recipe (default {DEFAULT_CONFIG})")
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=HelpFormatter,
+                                epilog=help_epilog(), allow_abbrev=False)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML recipe")
     p.add_argument("--resume", default=None, metavar="latest|PATH",
                    help="continue from the newest checkpoint of the run folder, or from a checkpoint folder")
+    p.add_argument("--print-config", action="store_true", help="print the merged config as YAML and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build data, model, optimizer and loss, take one step in memory, print a summary; writes no files")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=200")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line arguments."""
     # intermixed: key=value overrides may come before, between or after the options
-    return p.parse_intermixed_args(argv)
+    return build_parser().parse_intermixed_args(argv)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> TrainResult:
@@ -68,10 +78,30 @@ def run(argv: Optional[Sequence[str]] = None) -> TrainResult:
     return train(cfg, resume=args.resume, sample_fn=preview_sampler(pv.nfe, pv.sampler, pv.seed))
 
 
+def inspect_only(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """The text for --print-config / --dry-run (None when training); no files are written."""
+    args = parse_args(argv)
+    if not (args.print_config or args.dry_run):
+        return None
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        return to_yaml(cfg).rstrip()
+    from diffusion.dry_run import dry_run
+
+    d = dry_run(cfg)
+    return (f"dry run ok: {d['data']} ({d['items']} items of shape {d['shape']}), {d['model']} "
+            f"({d['params'] / 1e6:.2f}M params), {d['optimizer']} lr {d['lr']:.3g}, one step on {d['batch']} items: "
+            f"loss {d['loss']:.4f} ({d['seconds']:.1f} s); nothing written")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry: bad input prints one line and exits 2; a NaN/Inf stop prints one line and exits 1."""
 
     def body() -> int:
+        text = inspect_only(argv)
+        if text is not None:
+            print(text)
+            return 0
         res = run(argv)
         if res.is_main:
             print(f"trained {res.steps} steps in {res.seconds:.0f}s on {res.world_size} process(es), final loss "

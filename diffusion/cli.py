@@ -3,11 +3,12 @@
 A user error is an exception type the project raises for bad input (``ValueError`` and its
 subclasses such as ``ConfigError`` / ``UsageError`` / ``CheckpointError``, or a missing / unreadable
 path). A fault of the run itself (NaN/Inf, divergence) is one line and exit status 1. Anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. Also the one help formatter every parser uses.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -85,5 +86,21 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-__all__ = ["USER_ERRORS", "FAULTS", "OverwriteError", "one_line", "run_main", "check_device", "folder_is_used",
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and appends ``(default: ...)`` to every option's help."""
+
+
+def option_actions(parser: argparse.ArgumentParser, name: str = "") -> list[tuple[str, argparse.Action]]:
+    """Every (command, action) of a parser and its sub-commands, except -h/--help."""
+    out = []
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub, sp in a.choices.items():
+                out += option_actions(sp, f"{name} {sub}".strip())
+        elif not isinstance(a, argparse._HelpAction):
+            out.append((name, a))
+    return out
+
+
+__all__ = ["HelpFormatter", "option_actions", "USER_ERRORS", "FAULTS", "OverwriteError", "one_line", "run_main", "check_device", "folder_is_used",
            "refuse_overwrite", "same_path"]

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which dataset and how it is read."""
 
-    name: str = "digits"  # digits | gmm2d | cifar10 | folder
+    name: str = "digits"  # digits | gmm2d | cifar10 | folder | hf (Hugging Face datasets)
     root: Optional[str] = None  # folder / cifar10 location (digits and gmm2d take none)
     resolution: Optional[int] = None  # None: the dataset's native size
     options: Dict[str, Any] = field(default_factory=dict)  # dataset-specific: hflip, download, channels, ...
@@ -111,7 +111,8 @@ class TrainConfig:
     sample_every: int = 0  # preview grid every N steps (0: only at the end)
     ckpt_every: int = 0  # checkpoint every N steps (0: none besides the final weights)
     keep_last: int = 2  # checkpoints kept on disk
-    tensorboard: bool = True
+    tensorboard: bool = True  # log to the tracker(s) of train.log_with at all (false: none)
+    log_with: str = "tensorboard"  # accelerate tracker(s): tensorboard | wandb | mlflow | ... (comma list) | none
     overwrite: bool = False  # allow a fresh run into a run folder that already holds checkpoints
     time_limit_min: float = 0.0  # stop early (saving everything) after this many minutes; 0: no limit
     cpu_threads: int = 0  # torch intra-op threads (0: torch's default); 1 is far faster on a shared CPU
@@ -158,7 +159,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 #: keys that may change when a run is resumed; everything else must match the checkpoint's config
 RESUMABLE_CHANGES = ("name", "run_dir", "train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "train.keep_last", "train.tensorboard", "train.overwrite", "train.cpu_threads",
+                     "train.keep_last", "train.tensorboard", "train.log_with", "train.overwrite", "train.cpu_threads",
                      "train.time_limit_min", "data.num_workers", "data.root", "data.pin_memory",
                      "data.persistent_workers", "data.prefetch_factor", "preview")
 

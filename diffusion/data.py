@@ -6,6 +6,7 @@
   items are ``(x [2], mode index)``.
 - ``cifar10``: torchvision's CIFAR-10, never downloaded unless ``download=True``.
 - ``folder``: any folder of images, optionally one subfolder per class.
+- ``hf``: a Hugging Face ``datasets`` image dataset (``save_to_disk`` folder, data folder or cached Hub id).
 
 Horizontal flips (``hflip=True``) double the dataset deterministically (index ``i + N`` is the
 mirror of ``i``, as in EDM), so there is no augmentation RNG and a resumed run sees the same data.
@@ -185,6 +186,98 @@ class ImageFolderDataset(_FlipDoubled):
         return self._load(self.paths[i]), self.labels[i]
 
 
+class HFImageDataset(_FlipDoubled):
+    """A Hugging Face ``datasets`` image dataset: a ``save_to_disk`` folder, a script-free data folder or a cached Hub id.
+
+    The image column is the first ``Image`` feature (or ``image_column``); labels come from a
+    ``ClassLabel`` feature (or ``label_column``; ``label_column=""`` for none). Images are resized on the
+    shorter side, centre-cropped and scaled to [-1, 1] like ``folder``. Nothing is downloaded: Hub ids
+    must already be in the local Hugging Face cache (``HF_DATASETS_OFFLINE=1`` is set while loading).
+    """
+
+    def __init__(self, root: str | Path, resolution: int, split: str = "train", image_column: Optional[str] = None,
+                 label_column: Optional[str] = None, channels: int = 3, hflip: bool = False):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ValueError("data.name=hf needs the 'datasets' package: pip install 'unified-diffusion[hf]' "
+                             "(or pip install datasets)") from e
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        ds = self._open(datasets, str(root), split)
+        feats = ds.features
+        if image_column is None:
+            image_column = next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
+        if image_column not in feats:
+            raise ValueError(f"hf dataset {str(root)!r}: no image column {image_column!r}; columns: {list(feats)} "
+                             f"(set data.options.image_column)")
+        if label_column is None:
+            label_column = next((k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)), "")
+        if label_column and label_column not in feats:
+            raise ValueError(f"hf dataset {str(root)!r}: no label column {label_column!r}; columns: {list(feats)}")
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        if label_column:
+            feat = feats[label_column]
+            labels = ds[label_column]
+            self.num_classes = int(feat.num_classes) if isinstance(feat, datasets.ClassLabel) else int(max(labels)) + 1
+            self.class_names = list(feat.names) if isinstance(feat, datasets.ClassLabel) else []
+        else:
+            self.num_classes, self.class_names = 0, []
+        self._n, self.hflip, self.channels, self.resolution = len(ds), hflip, channels, int(resolution)
+        if self._n == 0:
+            raise ValueError(f"hf dataset {str(root)!r} split {split!r} is empty")
+        self.data_shape = (channels, self.resolution, self.resolution)
+
+    @staticmethod
+    def _open(datasets, root: str, split: str):
+        import os
+
+        path = Path(root).expanduser()
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+        else:
+            if not path.exists() and root.count("/") != 1:
+                raise FileNotFoundError(f"hf dataset {root!r}: no such folder, and not a Hub id (owner/name)")
+            import huggingface_hub.constants as hub_constants
+
+            # never download: a Hub id must already be cached (the flags are read at import, so set the modules')
+            flags = [(datasets.config, "HF_DATASETS_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                     (hub_constants, "HF_HUB_OFFLINE")]
+            saved = [(mod, name, getattr(mod, name)) for mod, name in flags if hasattr(mod, name)]
+            old_env = os.environ.get("HF_DATASETS_OFFLINE")
+            os.environ["HF_DATASETS_OFFLINE"] = "1"
+            for mod, name, _ in saved:
+                setattr(mod, name, True)
+            try:
+                ds = datasets.load_dataset(str(path) if path.exists() else root, split=split)
+            except Exception as e:  # not cached, no data files...: say what was tried
+                raise FileNotFoundError(f"hf dataset {root!r} split {split!r} could not be loaded offline "
+                                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+            finally:
+                for mod, name, value in saved:
+                    setattr(mod, name, value)
+                if old_env is None:
+                    os.environ.pop("HF_DATASETS_OFFLINE", None)
+                else:
+                    os.environ["HF_DATASETS_OFFLINE"] = old_env
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"hf dataset {root!r} has no split {split!r}; splits: {list(ds)}")
+            ds = ds[split]
+        return ds
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        row = self.ds[i]
+        im = row[self.image_column].convert("RGB" if self.channels == 3 else "L")
+        im = TF.resize(im, self.resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        im = TF.center_crop(im, [self.resolution, self.resolution])
+        label = int(row[self.label_column]) if self.label_column else 0
+        return TF.pil_to_tensor(im).to(torch.float32) / 127.5 - 1.0, label
+
+
 # ---- registry -----------------------------------------------------------------------------------
 
 def _no_root(name: str, root: Optional[str | Path]) -> None:
@@ -215,13 +308,20 @@ def _folder(root: Optional[str | Path], resolution: Optional[int], **kw: Any) ->
     return ImageFolderDataset(root, resolution, **kw)
 
 
+def _hf(root: Optional[str | Path], resolution: Optional[int], **kw: Any) -> HFImageDataset:
+    if root is None or resolution is None:
+        raise ValueError(f"the hf dataset needs root=... (a save_to_disk folder, a data folder or a cached Hub id) and "
+                         f"resolution=... (got root={root!r}, resolution={resolution!r})")
+    return HFImageDataset(root, resolution, **kw)
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {"digits": _digits, "gmm2d": _gmm2d, "cifar10": _cifar10,
-                                                "folder": _folder}
+                                                "folder": _folder, "hf": _hf}
 
 
 def build_dataset(name: str = DEFAULT_DATASET, root: Optional[str | Path] = None,
                   resolution: Optional[int] = None, **kw: Any) -> Dataset:
-    """Build a dataset by name ('digits', 'gmm2d', 'cifar10', 'folder'); extra kwargs go to its class."""
+    """Build a dataset by name ('digits', 'gmm2d', 'cifar10', 'folder', 'hf'); extra kwargs go to its class."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid choices: {sorted(DATASETS)}")
     return DATASETS[name](root, resolution, **kw)

@@ -184,8 +184,13 @@ def resolve_inception(path: Optional[str | Path] = None) -> Path:
     return cached
 
 
-def inception_features(path: Optional[str | Path] = None, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """clean-fid's Inception-v3 pool features (2048-D) in 'clean' mode, from local weights if given."""
+def inception_features(path: Optional[str | Path] = None, device: str | torch.device = "cpu",
+                       mode: str = "clean") -> FeatureExtractor:
+    """clean-fid's Inception-v3 pool features (2048-D), from local weights if given.
+
+    ``mode="clean"``: PIL bicubic resize to 299 outside the network; ``"legacy_tensorflow"``: the
+    native-size image goes in and the network resizes it as TensorFlow's FID code did (EDM's fid.py).
+    """
     from cleanfid.inception_torchscript import InceptionV3W
 
     weights = resolve_inception(path)
@@ -195,12 +200,13 @@ def inception_features(path: Optional[str | Path] = None, device: str | torch.de
         link = folder / INCEPTION_FILE
         if not link.exists():
             link.symlink_to(weights.resolve())
+    legacy = mode == "legacy_tensorflow"
     try:
-        model = InceptionV3W(str(folder), download=False).to(device).eval()
+        model = InceptionV3W(str(folder), download=False, resize_inside=legacy).to(device).eval()
     except (RuntimeError, ValueError, OSError) as e:  # a truncated or foreign file: name it, no traceback
         raise ValueError(f"Inception weights {str(weights)!r} cannot be loaded as clean-fid's TorchScript "
                          f"Inception ({INCEPTION_FILE}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    return FeatureExtractor("inception", lambda x: model(x.to(device)), None, "clean",
+    return FeatureExtractor("inception", lambda x: model(x.to(device)), _keep_size if legacy else None, mode,
                             {"weights": str(weights), "weights_sha256": sha256_file(weights)})
 
 
@@ -216,17 +222,17 @@ def _pixels(device: str | torch.device = "cpu", **_) -> FeatureExtractor:
 
 
 FEATURES: dict[str, Callable[..., FeatureExtractor]] = {
-    "inception": lambda device="cpu", inception=None: inception_features(inception, device),
+    "inception": lambda device="cpu", inception=None, mode="clean": inception_features(inception, device, mode),
     "randconv": _random_conv,
     "pixels": _pixels,
 }
 
 
 def get_features(name: str = "inception", *, inception: Optional[str | Path] = None,
-                 device: str | torch.device = "cpu") -> FeatureExtractor:
+                 device: str | torch.device = "cpu", mode: str = "clean") -> FeatureExtractor:
     """A feature extractor by name, or ``module:factory`` where ``factory(device=...)`` returns a FeatureExtractor."""
     if name in FEATURES:
-        return FEATURES[name](device=device, inception=inception)
+        return FEATURES[name](device=device, inception=inception, mode=mode)
     if ":" in name:
         mod, _, attr = name.partition(":")
         try:
@@ -406,7 +412,7 @@ def reference(ref: str, extractor: FeatureExtractor, *, resolution: int, batch_s
     path = Path(ref).expanduser()
     if ref in NAMED_REFERENCES:
         dataset, split, published = NAMED_REFERENCES[ref]
-        if extractor.name == "inception" and published == resolution:
+        if extractor.name == "inception" and extractor.mode == "clean" and published == resolution:
             stats, digest = _cleanfid_stats(dataset, published, split)
             return Reference(stats, ref, digest, stats.count)
         path = _dataset_folder(dataset, split, resolution)
@@ -430,13 +436,25 @@ def reference(ref: str, extractor: FeatureExtractor, *, resolution: int, batch_s
 
 
 def fid_kid(samples: str | Path, ref: str, *, features: str = "inception", inception: Optional[str | Path] = None,
-            batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False, kid: bool = True) -> dict:
-    """FID and (unless ``kid=False``) KID of a samples folder against a reference; a JSON-ready record."""
+            batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False, kid: bool = True,
+            protocol: str = "clean") -> dict:
+    """FID and (unless ``kid=False``) KID of a samples folder against a reference; a JSON-ready record.
+
+    ``protocol`` (clean | legacy-tf | edm, see fid_protocols.py) picks the Inception preprocessing and,
+    for edm, reads the reference as EDM/ADM statistics.
+    """
+    from .fid_protocols import check_protocol, load_reference_npz
+
+    proto = check_protocol(protocol, ref)
     files = list_images(samples)
     with Image.open(files[0]) as im:
         size = list(im.size)
-    extractor = get_features(features, inception=inception, device=device)
-    refr = reference(ref, extractor, resolution=size[0], batch_size=batch_size, device=device, progress=progress)
+    extractor = get_features(features, inception=inception, device=device, mode=proto["cleanfid_mode"])
+    if protocol == "edm":
+        stats = load_reference_npz(ref)
+        refr = Reference(stats, str(ref), sha256_file(ref), stats.count)
+    else:
+        refr = reference(ref, extractor, resolution=size[0], batch_size=batch_size, device=device, progress=progress)
     stats = FeatureStats.of(image_features(files, extractor, batch_size, device, progress, desc="samples"))
     if stats.mu.shape != refr.stats.mu.shape:
         raise ValueError(f"samples give {stats.mu.shape[0]}-D {features} features but the reference {refr.name!r} "
@@ -444,6 +462,7 @@ def fid_kid(samples: str | Path, ref: str, *, features: str = "inception", incep
     kid_value = kernel_distance(refr.stats.feats, stats.feats) if kid and refr.stats.feats is not None else None
     record = {
         "fid": frechet_distance(stats, refr.stats), "kid": kid_value,
+        "protocol": proto["protocol"], "protocol_matches": proto["matches"],
         "num_images": len(files), "image_size": size,
         "features": extractor.name, "features_info": extractor.info, "cleanfid_mode": extractor.mode,
         "reference": {"name": refr.name, "sha256": refr.sha256, "num_images": refr.num_images},

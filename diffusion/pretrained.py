@@ -1,13 +1,16 @@
 """Pretrained diffusers models behind the ScoreModel interface.
 
 A diffusers pipeline folder in the DDPMPipeline layout (``unet/`` holding a ``UNet2DModel`` and
-``scheduler/`` holding any scheduler with ``alphas_cumprod``: DDPM, DDIM, PNDM, DPM-Solver, ...)
-or a Hub id of one becomes ``ScoreModel(net, DDPM(betas), parametrization, conditioning="index")``:
+``scheduler/``) or a Hub id of one becomes a ScoreModel (``score_model_kwargs``):
 
-* the scheduler's ``alphas_cumprod`` are our ``alpha^2`` at the knots ``t = (n+1)/T`` (the betas
-  are recomputed from them in float64, so the knots agree to float64 rounding);
-* ``prediction_type`` epsilon / v_prediction / sample becomes parametrization eps / v / x0;
-* the net sees diffusers' (fractional) timestep index ``n = t T - 1``.
+* a scheduler with ``alphas_cumprod`` (DDPM, DDIM, PNDM, DPM-Solver, ...) becomes
+  ``ScoreModel(net, DDPM(betas), parametrization, conditioning="index")``: its ``alphas_cumprod`` are
+  our ``alpha^2`` at the knots ``t = (n+1)/T`` (betas recomputed in float64), ``prediction_type``
+  epsilon / v_prediction / sample becomes eps / v / x0 and the net sees diffusers' (fractional)
+  timestep index ``n = t T - 1``;
+* an EDM scheduler (EDMEuler, EDMDPMSolverMultistep) becomes EDM preconditioning on the EDM schedule
+  with its sigma range and sigma_data (its precondition_noise is our c_noise = log(sigma)/4);
+* FlowMatchEulerDiscreteScheduler becomes a velocity net on the flow schedule that sees 1000 t.
 
 So every sampler, Skip-Tuning (the adapter exposes ``num_skips``/``set_skip_scales``), the AMED
 bottleneck feature, likelihood and SiD work on it. Weights are read from safetensors only.
@@ -24,7 +27,8 @@ import torch
 from torch import nn
 
 from .models.hooks import UNet2DHooks
-from .schedules import DDPM
+from .scheduler_fields import ProcessedX0Model, x0_transform
+from .schedules import DDPM, EDM, Flow
 from .score_model import ScoreModel
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -89,6 +93,52 @@ def schedule_from_scheduler(scheduler) -> DDPM:
     return DDPM(betas=1 - ac / prev)
 
 
+def score_model_kwargs(scheduler) -> dict:
+    """Schedule, parametrization and conditioning that make a diffusers scheduler's net a ScoreModel.
+
+    EDM schedulers (EDMEuler / EDMDPMSolverMultistep): EDM's preconditioning with c_noise = log(sigma)/4,
+    which is diffusers' ``precondition_noise``; FlowMatchEuler: the flow schedule, a velocity net that
+    sees 1000 * sigma; every scheduler with ``alphas_cumprod``: DDPM knots, diffusers' timestep index.
+    """
+    name, cfg = type(scheduler).__name__, scheduler.config
+    pred = getattr(cfg, "prediction_type", "epsilon")
+    if name.startswith("EDM"):
+        if pred != "epsilon":
+            raise ValueError(f"{name} prediction_type={pred!r} is not supported; valid: 'epsilon' (EDM's F, c_out > 0)")
+        return dict(schedule=EDM(sigma_min=float(cfg.sigma_min), sigma_max=float(cfg.sigma_max)), parametrization="edm",
+                    conditioning="edm", sigma_data=float(cfg.sigma_data))
+    if name == "FlowMatchEulerDiscreteScheduler":
+        if int(cfg.num_train_timesteps) != 1000:
+            raise ValueError(f"{name} num_train_timesteps={cfg.num_train_timesteps} is not supported; valid: 1000 "
+                             f"(the net sees 1000 * sigma)")
+        return dict(schedule=Flow(), parametrization="velocity", conditioning="1000t")
+    if pred not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {pred!r} is not supported; valid: {sorted(PREDICTION_TYPES)}")
+    return dict(schedule=schedule_from_scheduler(scheduler), parametrization=PREDICTION_TYPES[pred], conditioning="index")
+
+
+def _exported_schedule(folder: Path, kwargs: dict):
+    """The continuous schedule a ``python -m diffusion.export`` DDIM folder was cut from (1000t nets), else None.
+
+    Its DDIMScheduler holds that schedule at the knots t = n/1000 only; rebuilding it keeps
+    ``--pretrained OUT`` on the same grids, hence the same images, as ``--run RUN``.
+    """
+    from omegaconf import OmegaConf
+
+    from .export import EXPORT_INFO
+
+    path = folder / EXPORT_INFO
+    if kwargs["conditioning"] != "index" or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("conditioning") != "1000t" or "schedule_config" not in record:
+        return None
+    from .build import build_schedule
+
+    cfg = OmegaConf.create({"schedule": record["schedule_config"], "model": {"input_shape": record["input_shape"]}})
+    return build_schedule(cfg)
+
+
 def _local_folder(path_or_id: str) -> Path:
     path = Path(path_or_id).expanduser()
     if path.exists():
@@ -130,17 +180,24 @@ def load_pretrained(path_or_id: str, device: str | torch.device = "cpu",
         raise ValueError(f"unknown scheduler class {cls_name!r} in {folder / 'scheduler'}")
     scheduler = cls.from_pretrained(folder, subfolder="scheduler")
     pred = getattr(scheduler.config, "prediction_type", "epsilon")
-    if pred not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler prediction_type {pred!r} is not supported; valid: {sorted(PREDICTION_TYPES)}")
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=dtype).to(device)
     unet.eval().requires_grad_(False)
     net = DiffusersUNet(unet)
-    model = ScoreModel(net, schedule_from_scheduler(scheduler), parametrization=PREDICTION_TYPES[pred],
-                       conditioning="index", num_classes=net.num_classes)
+    kwargs = score_model_kwargs(scheduler)
+    exported = _exported_schedule(folder, kwargs)
+    if exported is not None:
+        kwargs.update(schedule=exported, conditioning="1000t")
+    transform = x0_transform(scheduler)  # clip_sample / thresholding; refuses what cannot be read
+    if transform is None:
+        model = ScoreModel(net, **kwargs, num_classes=net.num_classes)
+    else:
+        model = ProcessedX0Model(net, **kwargs, num_classes=net.num_classes, x0_transform=transform)
+    model.diffusers_scheduler = scheduler  # for native_sampling: the scheduler's own timesteps
     info = {"source": path_or_id, "folder": str(folder), "weights": str(folder / "unet" / WEIGHTS_FILE),
             "sha256": sha256_file(folder / "unet" / WEIGHTS_FILE), "scheduler": cls_name, "prediction_type": pred,
             "num_train_timesteps": int(scheduler.config.num_train_timesteps),
-            "sample_shape": [net.img_channels, net.img_resolution, net.img_resolution]}
+            "sample_shape": [net.img_channels, net.img_resolution, net.img_resolution],
+            "schedule": model.schedule.name + (" (from the export record)" if exported is not None else "")}
     return model, info
 
 
@@ -176,5 +233,5 @@ def sample_shape(model: ScoreModel) -> tuple[int, ...]:
     raise ValueError(f"cannot tell the sample shape of {type(net).__name__}: it has neither img_resolution nor dim")
 
 
-__all__ = ["DiffusersUNet", "schedule_from_scheduler", "load_pretrained", "load_source", "sample_shape",
+__all__ = ["DiffusersUNet", "schedule_from_scheduler", "score_model_kwargs", "load_pretrained", "load_source", "sample_shape",
            "PREDICTION_TYPES"]

@@ -40,6 +40,8 @@ from .ema import EMA
 from .models import drop_labels
 from .previews import read_metrics, save_loss_curve, save_samples
 from .score_model import ScoreModel
+from .trackers import check_log_with, log_image
+from .trackers import start as start_trackers
 
 #: (model, n, sample shape, class labels or None) -> samples [n, *shape]; train.py wires samplers.sample
 SampleFn = Callable[[ScoreModel, int, Sequence[int], Optional[torch.Tensor]], torch.Tensor]
@@ -222,8 +224,9 @@ class _Run:
             raise ConfigError(f"nothing to do: the checkpoint is at step {self.step} and train.steps={tc.steps}")
         if self.main:
             self._open_run_dir(resumed=ckpt is not None)
-        if tc.tensorboard:
-            acc.init_trackers("tensorboard")
+        # tensorboard alone keeps its folder RUN/tensorboard; other trackers get the run name as project
+        start_trackers(acc, cfg, "tensorboard" if acc.log_with and [str(getattr(t, "value", t)) for t in acc.log_with]
+                       == ["tensorboard"] else cfg.name)
         stream = StreamBatchSampler(len(self.dataset), self.micro, seed=tc.seed, start=self.step * tc.batch_size,
                                     rank=acc.process_index, world_size=self.world)
         # its own generator: creating the iterator draws a worker seed, which must not consume the global
@@ -432,7 +435,10 @@ class _Run:
                 model = model.with_guidance(cfg.preview.guidance)
         with torch.no_grad():
             x = self.sample_fn(model, n, list(cfg.model.input_shape), labels)
-        return save_samples(x, path, title=f"{cfg.name}, step {self.step}")
+        out = save_samples(x, path, title=f"{cfg.name}, step {self.step}")
+        if out is not None:
+            log_image(self.acc, "samples", out, self.step)  # the grid in the tracker too
+        return out
 
     def finish(self) -> TrainResult:
         """Final weights, config, pictures and a summary (with per-process parameter checksums)."""
@@ -519,7 +525,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, sample_fn: Optional[Sam
         torch.set_num_threads(tc.cpu_threads)
     run_dir = str(cfg.run_dir)
     acc = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                      log_with="tensorboard" if tc.tensorboard else None, step_scheduler_with_optimizer=False,
+                      log_with=check_log_with(tc.log_with) if tc.tensorboard else None, step_scheduler_with_optimizer=False,
                       project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir))
     try:
         if tc.mixed_precision != "no" and not acc.native_amp:

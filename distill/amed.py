@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from diffusion.cli import HelpFormatter
 import samplers
 from samplers.core import afs_slope
 from samplers.mvt import AMEDPredictor, features_of, mvt_step, save_predictor
@@ -84,7 +85,8 @@ def step_weights(grid: list[float], sigma_data: float = 0.5) -> list[float]:
 
 def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, afs: bool,
                     predictor: Optional[AMEDPredictor] = None, iters: int = 300, lr: float = 5e-3, batch: int = 256,
-                    seed: int = TRAIN_SEED, log: Optional[Callable[[str], None]] = None) -> tuple[AMEDPredictor, list[float]]:
+                    seed: int = TRAIN_SEED, log: Optional[Callable[[str], None]] = None,
+                    progress: bool = False) -> tuple[AMEDPredictor, list[float]]:
     """Adam (lr 5e-3, betas 0.9/0.999 as in THEORY) on the weighted per-step L2 to the teacher's next states."""
     g = grid.tolist()
     if len(states) != len(g):
@@ -101,7 +103,10 @@ def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, af
     gen = torch.Generator().manual_seed(seed)
     n = states[0].shape[0]
     history: list[float] = []
-    for it in range(iters):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(iters), desc="amed", unit="it", disable=not progress)
+    for it in bar:
         idx = torch.randperm(n, generator=gen)[: min(batch, n)]
         loss = torch.zeros((), dtype=torch.float64)
         for i in range(len(g) - 1):
@@ -118,7 +123,9 @@ def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, af
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
-        if log is not None and (it % 100 == 0 or it == iters - 1):
+        if progress and (it % 10 == 0 or it == iters - 1):
+            bar.set_postfix(weighted_l2=f"{history[-1]:.3e}")
+        elif log is not None and not progress and (it % 100 == 0 or it == iters - 1):
             log(f"  iter {it:4d}  weighted L2 {history[-1]:.4e}")
     return pred.eval(), history
 
@@ -138,7 +145,7 @@ def distill(teacher: Teacher, nfe: int, afs: bool = True, *, grid: Optional[torc
             teacher_solver: str = "heun", extra_nodes: int = 1, rtol: float = 1e-6, n_train: int = 1024,
             seed: int = TRAIN_SEED, iters: int = 300, lr: float = 5e-3, batch: int = 256, learn_grid: bool = False,
             rounds: int = 2, grid_evals: int = 20, grid_batch: int = 256,
-            log: Optional[Callable[[str], None]] = None) -> AmedFit:
+            log: Optional[Callable[[str], None]] = None, progress: bool = False) -> AmedFit:
     """Train an AMED predictor for ``mvt`` at ``nfe`` (2 per step, one less with AFS), optionally with its nodes."""
     model = teacher.model
     opts = {"afs": afs}
@@ -167,14 +174,15 @@ def distill(teacher: Teacher, nfe: int, afs: bool = True, *, grid: Optional[torc
             log(f"round {rnd}: grid " + ", ".join(f"{v:.4g}" for v in g.tolist()))
         states = teacher_states(model, noise, g, solver=teacher_solver, extra_nodes=extra_nodes, rtol=rtol, atol=rtol)
         pred, h = train_predictor(model, g, states, afs=afs, predictor=pred, iters=iters, lr=lr, batch=batch,
-                                  seed=seed + rnd, log=log)
+                                  seed=seed + rnd, log=log, progress=progress)
         history += h
         x = sample_with_grid(model, noise[:k], g, "mvt", {"predictor": pred, "afs": afs})
         mse = float((x.double() - final.double()).pow(2).mean())
         consider(mse, g)
         entry = {"round": rnd, "final_mse_after_predictor": mse}
         if learn_grid and rnd < rounds - 1:
-            fit = fit_grid(model, noise[:k], final, g, "mvt", {"predictor": pred, "afs": afs}, max_evals=grid_evals)
+            fit = fit_grid(model, noise[:k], final, g, "mvt", {"predictor": pred, "afs": afs}, max_evals=grid_evals,
+                           progress=progress)
             entry["final_mse_after_grid_fit"] = fit.loss_final
             g = fit.grid
             consider(fit.loss_final, g)
@@ -205,22 +213,24 @@ def save(path: str | Path, fit: AmedFit) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI of ``python -m distill amed``."""
-    p = argparse.ArgumentParser(prog="python -m distill amed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distill amed", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="oracle:ring2d | oracle:mixture64d | RUN_DIR")
     p.add_argument("--nfe", type=int, default=5, help="network evaluations of the student (2 per step, -1 with AFS)")
     p.add_argument("--no-afs", dest="afs", action="store_false", help="spend a network call on the first step too")
     p.add_argument("--grid", default=None, help="comma-separated initial levels ending in 0 (default: the mvt default grid)")
-    p.add_argument("--teacher-solver", default="heun", choices=TEACHER_SOLVERS)
+    p.add_argument("--teacher-solver", default="heun", choices=TEACHER_SOLVERS, help="solver of the reference trajectories")
     p.add_argument("--extra-nodes", type=int, default=1, help="heun teacher: nodes inserted per student interval (M)")
     p.add_argument("--rtol", type=float, default=1e-6, help="adaptive teacher: rtol = atol")
-    p.add_argument("--n-train", type=int, default=1024)
+    p.add_argument("--n-train", type=int, default=1024, help="training noises (seeds 1000000+i)")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="first per-image seed of the training noises")
-    p.add_argument("--iters", type=int, default=300)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iters", type=int, default=300, help="predictor training iterations")
+    p.add_argument("--lr", type=float, default=5e-3, help="predictor learning rate (Adam)")
+    p.add_argument("--batch", type=int, default=256, help="trajectories per training batch")
     p.add_argument("--learn-grid", action="store_true", help="learn the sigma nodes jointly (alternating)")
     p.add_argument("--rounds", type=int, default=3, help="with --learn-grid: predictor/grid alternations")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--no-progress", action="store_true", help="print log lines instead of a tqdm progress bar")
     p.add_argument("--out", required=True, help="where to write the predictor (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
@@ -252,7 +262,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     fit = distill(teacher, args.nfe, args.afs, grid=grid, teacher_solver=args.teacher_solver,
                   extra_nodes=args.extra_nodes, rtol=args.rtol, n_train=args.n_train, seed=args.seed,
                   iters=args.iters, lr=args.lr, batch=args.batch, learn_grid=args.learn_grid, rounds=args.rounds,
-                  log=print)
+                  log=print, progress=not args.no_progress)
     check_weights_finite({"AMED predictor": fit.predictor}, f"after {args.iters} iterations")
     path = save(args.out, fit)
     print(f"mvt predictor for NFE {args.nfe} (afs={args.afs}) on grid "

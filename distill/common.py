@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from diffusion.cli import HelpFormatter
 from diffusion import oracle as oracle_lib
 from diffusion.build import build_score_model
 from diffusion.config import schema
@@ -549,7 +550,7 @@ def distiller_parser(prog: str, description: str, out_help: str = "run folder to
     """An argparse parser with the options every distiller starts with: --teacher, --out, --overwrite."""
     import argparse
 
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="run folder, oracle:ring2d, oracle:mixture64d or pretrained:DIR")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
@@ -562,7 +563,9 @@ def add_common_args(p, prefit: "PrefitConfig") -> None:
     p.add_argument("--prefit-preset", default=prefit.preset, help="oracle teachers: MLP preset (tiny, small)")
     p.add_argument("--cache-dir", default="runs/.cache", help="where oracle pre-fits are cached")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a shared CPU)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--log-with", default="tensorboard",
+                   help="accelerate tracker(s) for losses, samples and the config (comma list; 'none' for no tracking)")
 
 
 def apply_common_args(a) -> "PrefitConfig":

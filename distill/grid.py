@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusion.cli import HelpFormatter
 import samplers
 from samplers.noise import generators, randn
 
@@ -160,7 +161,7 @@ def sample_with_grid(model, noise: torch.Tensor, grid: torch.Tensor, sampler: st
 
 def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.Tensor, sampler: str,
              options: Optional[dict] = None, *, max_evals: int = 30, fd_step: float = 1e-3,
-             log: Optional[Callable[[str], None]] = None) -> GridFit:
+             log: Optional[Callable[[str], None]] = None, progress: bool = False) -> GridFit:
     """Least squares (scipy's trust-region LM) on theta: residuals = sampler output - ``target`` (teacher finals).
 
     The objective is a sum of squares over a fixed batch, so a Gauss-Newton method with a
@@ -181,6 +182,9 @@ def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.
     tgt = target.double().reshape(-1)
     scale = 1 / math.sqrt(tgt.numel())  # residuals scaled so that |r|^2 is the per-value MSE
     history: list[float] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="grid fit", unit="solve", disable=not progress)  # one sampler run per residual evaluation
 
     def residuals(th: np.ndarray) -> np.ndarray:
         g = theta_to_grid(top, torch.as_tensor(th, dtype=torch.float64))
@@ -188,13 +192,16 @@ def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.
         if not bool(torch.isfinite(r).all()):
             raise FloatingPointError(f"grid fit: {int((~torch.isfinite(r)).sum())} non-finite residuals at grid {g.tolist()}")
         history.append(float(r.pow(2).sum()))
-        if log is not None:
+        bar.update(1)
+        bar.set_postfix(mse=f"{history[-1]:.3e}")
+        if log is not None and not progress:
             log(f"  eval {len(history):3d}  mse {history[-1]:.4e}  grid " + ", ".join(f"{v:.4g}" for v in g.tolist()))
         return r.numpy()
 
     loss_init = float(((sample_with_grid(model, noise, init_grid, sampler, options).double().reshape(-1) - tgt) * scale)
                       .pow(2).sum())
     res = least_squares(residuals, theta0.numpy(), method="trf", diff_step=fd_step, max_nfev=max_evals, x_scale="jac")
+    bar.close()
     theta = torch.as_tensor(res.x, dtype=torch.float64)
     loss_final = 2 * float(res.cost)
     if loss_final > loss_init:  # never hand back a grid worse than the one we started from
@@ -243,7 +250,7 @@ def initial_grid(model, sampler: str, nfe: int, options: dict, kind: Optional[st
 def learn(teacher: Teacher, sampler: str, nfe: int, options: Optional[dict] = None, *, n_train: int = 512,
           n_val: int = 256, seed: int = TRAIN_SEED, init: Optional[torch.Tensor] = None,
           teacher_solver: str = "adaptive", extra_nodes: int = 8, rtol: float = 1e-6, max_evals: int = 30,
-          fd_step: float = 1e-3, log: Optional[Callable[[str], None]] = None) -> GridFit:
+          fd_step: float = 1e-3, log: Optional[Callable[[str], None]] = None, progress: bool = False) -> GridFit:
     """Draw training noises, solve the teacher once, fit the grid, and keep it only if it helps on held-out noises.
 
     Noises ``seed .. seed + n_train - 1`` fit the grid; the next ``n_val`` (still training seeds,
@@ -259,7 +266,7 @@ def learn(teacher: Teacher, sampler: str, nfe: int, options: Optional[dict] = No
     target = teacher_states(model, noise, init, solver=teacher_solver, extra_nodes=extra_nodes,
                             rtol=rtol, atol=rtol)[-1]
     fit = fit_grid(model, noise[:n_train], target[:n_train], init, sampler, options, max_evals=max_evals,
-                   fd_step=fd_step, log=log)
+                   fd_step=fd_step, log=log, progress=progress)
     meta = {"teacher": teacher.spec, "teacher_solver": teacher_solver, "extra_nodes": extra_nodes, "rtol": rtol,
             "train_seed": seed, "n_train": n_train, "n_val": n_val, "max_evals": max_evals, "fd_step": fd_step,
             "init_grid": [float(v) for v in init]}
@@ -291,22 +298,24 @@ def _parse_options(items: Sequence[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """CLI of ``python -m distill grid``."""
-    p = argparse.ArgumentParser(prog="python -m distill grid", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distill grid", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("--teacher", required=True, help="oracle:ring2d | oracle:mixture64d | RUN_DIR")
     p.add_argument("--sampler", default="ipndm", help="a deterministic sampler from samplers.available()")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations of the learned grid")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="sampler option, e.g. --opt afs=true (repeatable)")
     p.add_argument("--init", default=None, help="initial grid family from samplers.grids (default: the sampler's default)")
-    p.add_argument("--teacher-solver", default="adaptive", choices=TEACHER_SOLVERS)
+    p.add_argument("--teacher-solver", default="adaptive", choices=TEACHER_SOLVERS, help="solver of the reference solves")
     p.add_argument("--extra-nodes", type=int, default=8, help="heun teacher: nodes inserted per interval")
     p.add_argument("--rtol", type=float, default=1e-6, help="adaptive teacher: rtol = atol")
-    p.add_argument("--n-train", type=int, default=512)
+    p.add_argument("--n-train", type=int, default=512, help="training noises (seeds 1000000+i)")
     p.add_argument("--n-val", type=int, default=256, help="held-out training noises that must confirm the fit")
     p.add_argument("--seed", type=int, default=TRAIN_SEED, help="first per-image seed of the training noises")
     p.add_argument("--max-evals", type=int, default=30, help="least-squares iterations (sampler runs besides the Jacobian's)")
-    p.add_argument("--fd-step", type=float, default=1e-3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--fd-step", type=float, default=1e-3, help="relative finite-difference step of the least-squares Jacobian")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--no-progress", action="store_true", help="print one line per evaluation instead of a tqdm progress bar")
     p.add_argument("--out", required=True, help="where to write the grid (.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
@@ -339,7 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     fit = learn(teacher, args.sampler, args.nfe, options, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                 init=init,
                 teacher_solver=args.teacher_solver, extra_nodes=args.extra_nodes, rtol=args.rtol, max_evals=args.max_evals,
-                fd_step=args.fd_step, log=print)
+                fd_step=args.fd_step, log=print, progress=not args.no_progress)
     if not torch.isfinite(fit.grid).all():
         raise FloatingPointError(f"the fitted grid is not finite ({fit.grid.tolist()}); nothing was written")
     path = save_grid(args.out, fit)

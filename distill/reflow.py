@@ -35,6 +35,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from diffusion.cli import HelpFormatter
+from diffusion.trackers import RunTrackers, check_log_with, hyperparameters, log_image
 from diffusion.losses import Draw, build_objective
 from diffusion.schedules import by_name
 from diffusion.score_model import ScoreModel
@@ -358,7 +360,8 @@ def _write_run(run: Path, inner: ScoreModel, ema_net: nn.Module, base: dict, ext
 
 def reflow(teacher: Teacher | str, out: str | Path, cfg: ReflowConfig = ReflowConfig(),
            cache_dir: str | Path | None = "runs/.cache", progress: bool = True,
-           log: Callable[[str], None] = print, overwrite: bool = False) -> ReflowResult:
+           log: Callable[[str], None] = print, overwrite: bool = False,
+           log_with: Optional[str] = "tensorboard") -> ReflowResult:
     """Pairs from the teacher's ODE, a reflowed flow initialised from the teacher, optional one-step student.
 
     ``out`` may hold a pair cache (``pairs/``, reused); any other content is refused unless
@@ -399,6 +402,11 @@ def reflow(teacher: Teacher | str, out: str | Path, cfg: ReflowConfig = ReflowCo
     check_weights_finite({"reflowed flow": inner.net, "its EMA": ema_net}, f"after {cfg.iters} reflow steps")
     _write_run(run, inner, ema_net, base, {"kind": "reflow", "reflow": info}, samples)
     (run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    trackers = RunTrackers(check_log_with(log_with, "--log-with"), run, config=hyperparameters(info))
+    for i, h in enumerate(history):
+        trackers.log(h, step=int(h.get("step", i)))
+    log_image(trackers, "samples", run / "samples.png", int(cfg.iters))
+    trackers.finish()
     log(f"reflow: S {stats.get('straightness_init', float('nan')):.4g} -> {stats.get('straightness', float('nan')):.4g}, "
         f"transport cost teacher {stats['teacher_cost']:.4g}, student {stats.get('student_cost', float('nan')):.4g}")
     one = None
@@ -431,24 +439,29 @@ def student_copy(init: ScoreModel) -> ScoreModel:
     return m
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line options of ``python -m distill reflow``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m distill reflow`` argument parser."""
     d = ReflowConfig()
     p = distiller_parser("python -m distill reflow", "Rectified-flow reflow (+ one-step distillation).",
                          "run folder to write (pairs are cached under OUT/pairs)")
-    p.add_argument("--pairs", type=int, default=d.pairs)
-    p.add_argument("--val-pairs", type=int, default=d.val_pairs)
+    p.add_argument("--pairs", type=int, default=d.pairs, help="teacher (noise, ODE(noise)) pairs to solve and train on")
+    p.add_argument("--val-pairs", type=int, default=d.val_pairs, help="held-out pairs for the straightness and transport cost")
     p.add_argument("--chunk", type=int, default=d.chunk, help="pairs per cached chunk (the unit of resume)")
-    p.add_argument("--rtol", type=float, default=d.rtol)
-    p.add_argument("--atol", type=float, default=d.atol)
-    p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--rtol", type=float, default=d.rtol, help="dopri5 relative tolerance of the teacher solve")
+    p.add_argument("--atol", type=float, default=d.atol, help="dopri5 absolute tolerance of the teacher solve")
+    p.add_argument("--iters", type=int, default=d.iters, help="reflow training iterations")
+    p.add_argument("--batch", type=int, default=d.batch, help="pairs per training batch")
+    p.add_argument("--lr", type=float, default=d.lr, help="reflow learning rate (Adam)")
     p.add_argument("--one-step-iters", type=int, default=d.one_step_iters, help="> 0: also distil into one step")
-    p.add_argument("--one-step-lr", type=float, default=d.one_step_lr)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--one-step-lr", type=float, default=d.one_step_lr, help="learning rate of the one-step distillation")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the pair noises and initialisation")
     add_common_args(p, d.prefit)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line options of ``python -m distill reflow``."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -458,6 +471,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = ReflowConfig(pairs=a.pairs, val_pairs=a.val_pairs, chunk=a.chunk, rtol=a.rtol, atol=a.atol, iters=a.iters,
                        batch=a.batch, lr=a.lr, one_step_iters=a.one_step_iters, one_step_lr=a.one_step_lr, seed=a.seed,
                        prefit=prefit_cfg)
-    res = reflow(a.teacher, a.out, cfg, cache_dir=a.cache_dir, progress=not a.no_progress, overwrite=a.overwrite)
+    res = reflow(a.teacher, a.out, cfg, cache_dir=a.cache_dir, progress=not a.no_progress, overwrite=a.overwrite,
+                 log_with=a.log_with)
     print(json.dumps({k: v for k, v in res.stats.items()}, indent=1))
     return 0

@@ -35,6 +35,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from diffusion.cli import HelpFormatter
+from diffusion.trackers import RunTrackers, check_log_with, hyperparameters, log_image
 from diffusion.losses import Draw, build_objective
 from diffusion.prediction import expand
 from diffusion.score_model import ScoreModel
@@ -473,7 +475,8 @@ def _check_run_folder(run: Path, teacher: Teacher, resume: bool, overwrite: bool
 def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfig(), resume: bool = False,
               init: Optional[tuple[ScoreModel, Optional[DictConfig]]] = None, cache_dir: str | Path | None = "runs/.cache",
               progress: bool = True, callback: Optional[Callable[[SiD, dict], None]] = None,
-              log: Callable[[str], None] = print, time_limit_s: Optional[float] = None, overwrite: bool = False) -> SiD:
+              log: Callable[[str], None] = print, time_limit_s: Optional[float] = None, overwrite: bool = False,
+              log_with: Optional[str] = "tensorboard") -> SiD:
     """Run SiD into the run folder ``out`` (``resume=True`` continues from its last checkpoint).
 
     A folder that already holds anything is refused unless ``overwrite=True`` (its old outputs are then
@@ -509,6 +512,8 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
             clear_outputs(run)  # the old run's weights must not survive next to the new config
         write_text_atomic(run / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_config(teacher, init[1], cfg))))
         write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    tracked = check_log_with(log_with, "--log-with") if sid.acc.is_main_process else None
+    trackers = RunTrackers(tracked, run, config=hyperparameters(run_config(teacher, init[1], cfg)))
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.iters, initial=sid.step_count, desc="sid", disable=not (progress and sid.acc.is_main_process))
     while sid.step_count < cfg.iters:
@@ -523,6 +528,7 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
             if sid.acc.is_main_process:
                 with open(run / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                trackers.log(row, step=sid.step_count)
             bar.set_postfix(loss_gen=f"{row['loss_gen']:.3g}", loss_fake=f"{row['loss_fake']:.3g}", nan=row["nan_samples"])
         if sid.step_count % cfg.checkpoint_every == 0 or sid.step_count == cfg.iters or out_of_time:
             sid.save(run)
@@ -533,6 +539,9 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
     if sid.nan.bad:
         log(f"sid: {sid.nan.bad} of {sid.nan.total} generator samples were non-finite and left out of the losses")
     save_outputs(run, sid, history)
+    if (run / "samples.png").is_file():
+        log_image(trackers, "samples", run / "samples.png", sid.step_count)
+    trackers.finish()
     return sid
 
 
@@ -541,30 +550,35 @@ def train_sid(teacher: Teacher | str, out: str | Path, cfg: SiDConfig = SiDConfi
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """Command-line options of ``python -m distill sid``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m distill sid`` argument parser."""
     d = SiDConfig()
     p = distiller_parser("python -m distill sid", "Score identity Distillation: a one-step generator.")
     p.add_argument("--alpha", type=float, default=d.alpha, help="SiD alpha in (0, 1.5) (default 1.2)")
-    p.add_argument("--sig-init", type=float, default=d.sig_init)
-    p.add_argument("--iters", type=int, default=d.iters)
+    p.add_argument("--sig-init", type=float, default=d.sig_init, help="noise level the generator reads: x = G(sig_init z, sig_init)")
+    p.add_argument("--iters", type=int, default=d.iters, help="generator updates")
     p.add_argument("--batch", type=int, default=d.batch, help="global batch (split over `accelerate launch` processes)")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="generator learning rate (Adam)")
     p.add_argument("--lr-fake", type=float, default=None, help="fake-score lr (default: --lr)")
     p.add_argument("--fake-steps", type=int, default=d.fake_steps, help="fake-score updates per generator update")
     p.add_argument("--no-sample-weight", action="store_true",
                    help="drop SiD's per-sample weight 1/mean|x_g - fr| (faster on the oracle toys)")
-    p.add_argument("--beta1", type=float, default=d.betas[0])
-    p.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--max-nan-fraction", type=float, default=d.max_nan_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--beta1", type=float, default=d.betas[0], help="Adam beta1 of both networks (SiD uses 0)")
+    p.add_argument("--ema-halflife-kimg", type=float, default=d.ema_halflife_kimg, help="EMA half-life of the generator in thousands of images")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=d.mixed_precision, help="accelerate mixed precision")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N iterations (for --resume)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="log losses every N iterations")
+    p.add_argument("--max-nan-fraction", type=float, default=d.max_nan_fraction, help="stop when more than this fraction of generated samples is non-finite")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise streams and initialisation")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
     add_common_args(p, d.prefit)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line options of ``python -m distill sid``."""
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -579,7 +593,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.time_limit_min is not None and not a.time_limit_min > 0:
         raise ValueError(f"--time-limit-min must be > 0; got {a.time_limit_min}")
     train_sid(a.teacher, a.out, cfg, resume=a.resume, cache_dir=a.cache_dir, progress=not a.no_progress,
-              time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min, overwrite=a.overwrite)
+              time_limit_s=None if a.time_limit_min is None else 60 * a.time_limit_min, overwrite=a.overwrite,
+              log_with=a.log_with)
     print(f"sid: wrote {a.out}: a one-step generator (kind: generator, sig_init {cfg.sig_init}); "
           f"sample it with `python sample.py --run {a.out}`")
     return 0

@@ -63,7 +63,7 @@ def test_cifar10_missing_raises_without_download(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"'mnist'.*\['cifar10', 'digits', 'folder', 'gmm2d'\]"):
+    with pytest.raises(ValueError, match=r"'mnist'.*\['cifar10', 'digits', 'folder', 'gmm2d', 'hf'\]"):
         build_dataset("mnist")
     with pytest.raises(ValueError, match="root"):
         build_dataset("digits", root="/data")
