@@ -10,7 +10,6 @@ forward + backward for every objective. Validation happens where values enter: o
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -19,33 +18,14 @@ from torch import nn
 
 import samplers
 from diffusion import losses, schedules
+from diffusion.host_reads import count_host_reads
 from diffusion.preconditioning import EDM, Custom, Identity, edm_precond
 from diffusion.score_model import ScoreModel
 
-CONVERSIONS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist")
 SCHEDULES = ["vp_linear", "ddpm", "cosine", "subvp", "ve", "edm", "flow"]
 PARAMS = ["eps", "x0", "v", "score", "velocity", "edm"]
 
 
-@contextlib.contextmanager
-def conversions():
-    """Count tensor-to-Python conversions inside the block (a one-element list, read after)."""
-    n = [0]
-    saved = {k: getattr(torch.Tensor, k) for k in CONVERSIONS}
-
-    def counted(fn):
-        def wrapper(*args, **kwargs):
-            n[0] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for k, fn in saved.items():
-        setattr(torch.Tensor, k, counted(fn))
-    try:
-        yield n
-    finally:
-        for k, fn in saved.items():
-            setattr(torch.Tensor, k, fn)
 
 
 class Tiny(nn.Module):
@@ -65,7 +45,7 @@ class Tiny(nn.Module):
 
 def test_counter_sees_every_kind_of_read():
     t = torch.tensor([0.5])
-    with conversions() as n:
+    with count_host_reads() as n:
         bool(t), t.item(), float(t), int(t), t.tolist(), [0, 1][torch.tensor(1)]
     assert n[0] == 6
 
@@ -81,7 +61,7 @@ def test_one_network_call_reads_nothing(sched, param):
     se = torch.tensor([0.3, 2.0, 9.0], dtype=torch.float64)
     m.prepare_levels([1.5])  # what a sampler does once per grid
     m.prepare_times([0.4])
-    with conversions() as n:
+    with count_host_reads() as n:
         p = m(x, t)
         outs = [p.x0, p.eps, p.v, p.score, p.velocity]
         q = m(x, 0.4)  # a cached grid time: Python-float coefficients
@@ -94,7 +74,7 @@ def test_labels_are_checked_once_per_tensor():
     m = ScoreModel(Tiny(num_classes=3), schedules.by_name("ddpm"), "eps")
     x, labels = torch.randn(2, 2, dtype=torch.float64), torch.tensor([0, 2])
     m(x, 0.5, labels)  # first sight: validated (one read)
-    with conversions() as n:
+    with count_host_reads() as n:
         m(x, 0.5, labels)
     assert n[0] == 0
     labels[1] = 7  # changed in place: checked again
@@ -120,7 +100,7 @@ def _run(model, name, short):
     noise = torch.randn(4, 2, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 0]) if model.num_classes else None
     samplers.sample(model, noise, class_labels=labels, **kw)  # warm-up: imports, lazy caches
-    with conversions() as n:
+    with count_host_reads() as n:
         res = samplers.sample(model, noise, class_labels=labels, **kw)
     return n[0], res
 
@@ -154,7 +134,7 @@ def test_objective_forward_backward_reads_nothing(sched, obj, kw, param):
     labels = torch.tensor([0, 1, 1, 0])
     g = torch.Generator().manual_seed(0)
     objective(model, x0, labels, generator=g).mean().backward()  # labels enter: checked once
-    with conversions() as n:
+    with count_host_reads() as n:
         loss = objective(model, x0, labels, generator=g).mean()
         loss.backward()
     assert n[0] == 0, f"{n[0]} host reads in one {obj} step ({sched}, {param})"

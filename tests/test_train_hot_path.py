@@ -27,8 +27,8 @@ import torch
 
 from diffusion import training
 from diffusion.config import load_config
+from diffusion.host_reads import CONVERSIONS
 
-CONVERSIONS = ("__bool__", "item", "__float__", "__int__", "__index__", "tolist")
 WARMUP, TIMED = 2, 6
 STRICT_OBJECTIVE = True  # the objectives are sync-free too (tests/test_hot_path.py counts them alone)
 
