@@ -34,15 +34,28 @@ class SampleResult:
     sampler: str
 
 
+#: samplers whose noise eta_t = eta g(t) is singular at se=inf (t=1 of the flow family)
+_SDE_IN_T = ("euler_maruyama", "pc")
+
+
 def default_grid(sampler: str, n: int, schedule, kind: Optional[str] = None, **grid_opts) -> torch.Tensor:
     """The grid ``sample`` builds for ``n`` steps: the sampler's default family (or ``kind``) on the schedule."""
     kind = kind or spec(sampler).grid
+    if kind == "uniform_t" and not grid_opts and schedule.family not in ("vp", "flow"):
+        # t-uniform spacing is DDIM's / FlowMatch's convention for VP and flow models; on VE/EDM
+        # schedules se is ~linear in t, so it would leave a last step from se_max/n to 0.
+        kind = "default"
     if kind == "default":
         params = {k: v for k, v in defaults.GRID.items() if k != "kind"}
         kind = defaults.GRID["kind"]
         params.update(grid_opts)
         grid_opts = params
-    return grids.make(kind, n, schedule, **grid_opts)
+    g = grids.make(kind, n, schedule, **grid_opts)
+    if sampler in _SDE_IN_T and math.isinf(g[0]) and g.numel() > 1 and g[1] < grids.SE_CAP:
+        # the reverse SDE's diffusion g(t) diverges at t=1 of flow schedules: start those at SE_CAP
+        g = g.clone()
+        g[0] = grids.SE_CAP
+    return g
 
 
 def _check_options(name: str, opts: dict) -> None:
