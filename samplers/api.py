@@ -46,8 +46,7 @@ def default_grid(sampler: str, n: int, schedule, kind: Optional[str] = None, **g
         # schedules se is ~linear in t, so it would leave a last step from se_max/n to 0.
         kind = "default"
     if kind == "default":
-        params = {k: v for k, v in defaults.GRID.items() if k != "kind"}
-        kind = defaults.GRID["kind"]
+        kind, params = defaults.grid_params(n)  # the measured rule, se_last shrinking with n
         params.update(grid_opts)
         grid_opts = params
     g = grids.make(kind, n, schedule, **grid_opts)

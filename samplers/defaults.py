@@ -1,29 +1,58 @@
 """The default sampler and grid, used by ``samplers.sample(model, noise, nfe=N)`` when no sampler is named.
 
-One configuration for every dimension and NFE, chosen by measurement with
-``benchmarks/sampler_defaults.py`` (results: benchmarks/results/sampler_defaults.md).
+The rule (chosen on the tuning half of benchmarks/sampler_suite.py; reported on the other half in
+benchmarks/results/sampler_suite.md): iPNDM of order 3 with the analytical first step (AFS) for
+every schedule and data shape; the grid depends on the step count n (= NFE + 1 with AFS):
 
-Setting: exact mixture oracle on the DDPM schedule (2-D ring of 8 modes, 2000 samples; 64-D mixture
-of 10 modes, 500 samples), RMSE per dimension against a dopri5 (rtol=atol=1e-8) solve from the same
-x_T, divided by the RMSE of the best of 13 diffusers scheduler configurations *at each NFE* (DDIM
-trailing, Euler, Heun, DPM++2M/3M, UniPC, DEIS, default and Karras spacing; same exact denoiser).
-Tuned on seed 1234, checked on seed 777 (the formal benchmark uses seed 0):
+* n < HIGH_STEPS (NFE <= 15): ``polynomial`` log-sigma grid, p = 0.7, from the schedule's top
+  (SE_CAP = 1000 on flow) to se_last = 0.025 (10/n);
+* n >= HIGH_STEPS (NFE >= 16): ``flow_uniform`` grid (flow sigma se/(1+se) uniform, shift 1,
+  from the schedule's top) to se_last = 0.02 (10/n).
 
-    RMSE ratio (seed 1234 / 777)   NFE 5        NFE 10       NFE 20       median @20
-    ring2d                         0.170/0.171  0.232/0.240  0.234/0.235  0.209/0.216
-    mixture64d                     0.364/0.384  0.308/0.425  0.308/0.168  0.265/0.174
-    worst over NFE 4..20: 0.541/0.551 (mixture64d, NFE 4)
+se_last shrinks like 1/n so that the final readout, whose error grows like se_last^2, keeps falling
+with the budget: the old fixed se_last = 0.025 stalled at ~3e-3 RMSE past NFE 20 (issue 13) and was
+2-3.5x worse than the best diffusers configuration at NFE 50 on every tuning case.
 
-A wider search first (polynomial p 0.5-3, se_last 0.002-0.08, Karras rho 3/5/7; ipndm orders 2-4 and
-dpmpp_2m, with and without AFS) put every good configuration at ipndm + AFS on a polynomial
-log-sigma grid with p < 1 and se_last 0.02-0.035: se_last <= 0.006 loses at NFE <= 8 (the last
-steps are wasted on tiny noise), se_last >= 0.04 loses at NFE 20 (the final jump to 0 dominates the
-median), p <= 0.6 starts flipping modes at NFE 15-20 on the 64-D mixture, and order 4 or dpmpp_2m
-trail order 3 at NFE <= 6. AFS helps at every budget (it buys one more step).
+Tuning half (ring2d, mixture64d, 128d-diag-2dec on ddpm and flow; 200-400 samples; RMSE ratio to the
+best of 26 diffusers VP / 12 flow configurations at the same NFE, seed 0; sampler_suite_tune.json):
+
+    grid / se_last rule                NFE 5 worst  NFE 10 worst  NFE 20 worst  NFE 50 worst  monotone 5..100
+    polynomial p=0.7, fixed 0.025      0.93         1.12          3.09          3.51          0 of 6
+    polynomial p=0.7, 0.025 (10/n)     0.79         1.11          3.11          0.99          6 of 6
+    polynomial p=0.7, 0.025 (10/n)^1.5 0.80         1.11          3.53          1.25          6 of 6
+    flow_uniform, 0.02 (10/n)          (ring2d/flow 0.80)  (0.86)   0.25          0.56          -
+
+The NFE-20 misses of every log-sigma grid come from 128d-diag-2dec (per-axis widths 0.01-1): its
+modes separate at se ~ 0.3-3, where a log-sigma grid from se_max puts few nodes; at NFE 20 the
+flow_uniform grid cut its error 10x (4.7e-2 -> 2.8e-3 on ddpm, 3.3e-2 -> 2.7e-3 on flow) and also won
+on ring2d (3.7e-3 vs 4.5e-3) and mixture64d (1.7e-3 vs 2.1e-3) on flow. At NFE 5-10 it lost on the
+ring (0.8-1.5x the best peer) where the polynomial grid wins (0.3x), hence the switch. Candidates
+that lost everywhere: unipc (orders 2, 3) and dpmpp_3m on these grids (unipc on flow_uniform is
+unstable at the large first step from SE_CAP), p = 1.0 and 1.5, karras rho 3 and 7. The switch
+point NFE 16 lies between the measured budgets 10 and 20.
 """
 
 from __future__ import annotations
 
 SAMPLER = "ipndm"
 OPTIONS: dict = {"afs": True, "order": 3}
+#: low-budget grid; ``se_last`` is its value at SE_LAST_STEPS steps
 GRID: dict = {"kind": "polynomial", "p": 0.7, "se_last": 0.025}
+#: grid from HIGH_STEPS steps on
+GRID_HIGH: dict = {"kind": "flow_uniform", "shift": 1.0, "se_last": 0.02}
+HIGH_STEPS = 17
+SE_LAST_STEPS = 10
+
+
+def grid_params(n: int) -> tuple[str, dict]:
+    """(grid kind, parameters) of the default grid for ``n`` steps, se_last scaled as se_last (10/n)."""
+    base = GRID_HIGH if n >= HIGH_STEPS else GRID
+    params = {k: v for k, v in base.items() if k != "kind"}
+    params["se_last"] = base["se_last"] * SE_LAST_STEPS / max(n, 1)
+    return base["kind"], params
+
+
+def describe() -> str:
+    """One line stating the rule."""
+    return (f"{SAMPLER} {OPTIONS}; n < {HIGH_STEPS} steps: {GRID['kind']} p={GRID['p']} se_last={GRID['se_last']}*10/n; "
+            f"n >= {HIGH_STEPS}: {GRID_HIGH['kind']} shift={GRID_HIGH['shift']} se_last={GRID_HIGH['se_last']}*10/n")
