@@ -1,4 +1,4 @@
-"""Rectified-flow Euler (docs/theory.md §6): Euler on the PF-ODE in the schedule's own noise coordinate.
+"""Rectified-flow Euler (docs/theory.md §6.8): Euler on the PF-ODE in the schedule's own noise coordinate.
 
 On the flow family (alpha = 1 - sigma, shifted flows included) the PF-ODE in sigma is
 ``dx/dsigma = eps_hat - x0_hat`` (the velocity), and Euler in sigma is diffusers'

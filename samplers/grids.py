@@ -145,7 +145,7 @@ def flow_uniform(n: int, se_last: Optional[float] = None, shift: float = 1.0, se
     """FlowMatchEuler's grid: flow sigma uniform from 1 to sigma_last, warped by SD3's shift, as EDM sigmas, then 0.
 
     The flow noise level sigma = se/(1+se) runs linearly from 1 (se=inf) to the unwarped sigma_last,
-    then ``shift`` maps it to s sigma/(1 + (s-1) sigma) (docs/theory.md §5, the SD3 time shift). Without
+    then ``shift`` maps it to s sigma/(1 + (s-1) sigma) (docs/theory.md §5.2, §10.2: the SD3 time shift). Without
     ``se_last`` the unwarped sigma_last is diffusers' 1/1000. Works for any schedule: it is a grid in se,
     starting at ``se_max`` (the schedule's top in ``make``; inf on flow) with the same spacing below it.
     """

@@ -1,6 +1,6 @@
 """Multistep data-prediction solvers users ask for by name: ``unipc`` (UniPC, bh1/bh2) and ``dpmpp_3m``.
 
-Both work in the EDM view (docs/theory.md §6) on the half-logSNR ``lam = -log se``: with the x0
+Both work in the EDM view (docs/theory.md §1.2) on the half-logSNR ``lam = -log se``: with the x0
 estimate ``D`` the PF-ODE ``dy/dse = (y - D)/se`` is exactly ``y_t = (se_t/se_s) y_s + se_t int e^lam D dlam``,
 and the solvers differ only in how they fit ``D`` over ``lam`` from past evaluations. Every grid
 scalar (lam, h, ratios, UniPC's coefficient solves) is a Python float computed once before the loop,
@@ -38,7 +38,7 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
 
 
 def unipc_coefficients(h: float, rks: list[float], variant: str, corrector: bool) -> tuple[float, list[float]]:
-    """(B(h), rho) of UniPC's data-prediction update (Zhao et al. 2023, Alg. 1/2; docs/theory.md §6.4).
+    """(B(h), rho) of UniPC's data-prediction update (Zhao et al. 2023, Alg. 1/2; docs/theory.md §6.12).
 
     ``rks`` are the previous nodes' lam offsets over h (negative); the predictor fits them, the
     corrector adds the new node r=1. ``B(h)`` is ``h`` (bh1) or ``e^h - 1`` (bh2) with h -> -h for
@@ -125,7 +125,7 @@ def unipc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
 def dpmpp_3m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike = None, callback=None,
              class_labels: Optional[torch.Tensor] = None, progress: bool = False, afs: bool = False,
              classic: bool = False) -> torch.Tensor:
-    """DPM-Solver++(3M), deterministic: third-order multistep data prediction, warming up via 1st and 2nd order.
+    """DPM-Solver++(3M) (docs/theory.md §6.13), deterministic: third-order multistep data prediction, with warm-up.
 
     With x0(lam) = x0 + u x0' + u^2/2 x0'' the divided difference ``d2`` estimates h^2 x0''/2, so the
     exact weight of d2 is 2 (1/2 - phi), phi = (e^-h - 1 + h)/h^2. ``classic=True`` uses the weight
