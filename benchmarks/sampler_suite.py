@@ -408,7 +408,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="with --tune: the first grid/solver search, or the final rule against its parts")
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: the half's cases)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
+    ap.add_argument("--readme", action="store_true", help="print the README's table from results/sampler_suite.json")
     args = ap.parse_args(argv)
+    if args.readme:
+        print(readme_table(json.loads((RESULTS_DIR / f"{NAME}.json").read_text())))
+        return 0
     torch.set_num_threads(1)
     half = "tune" if args.tune else "report"
     cases = [c for c in CASES if c.half == half]
@@ -526,6 +530,26 @@ def report(results: dict, cases: list[Case], scheds: list[str], seconds: float) 
     _plot(panels)
     for t in targets:
         print(t.line())
+
+
+def readme_table(payload: dict) -> str:
+    """Markdown summary of a report run: per NFE the default's RMSE ratio to the best peer, median and worst."""
+    res = payload["results"]
+    rows = []
+    for nfe in (5, 10, 20, 50):
+        ratios = sorted((r["ours"][f"default@{nfe}"]["rmse"] / best_peer(r, nfe)[1]["rmse"], k) for k, r in res.items())
+        vals = [v for v, _ in ratios]
+        wins = sum(v < 1 for v in vals)
+        worst, where = ratios[-1]
+        flips_o = np.median([r["ours"][f"default@{nfe}"]["flip_pct"] for r in res.values()])
+        flips_p = np.median([best_peer(r, nfe)[1]["flip_pct"] for r in res.values()])
+        rows.append([nfe, f"{np.median(vals):.2f}" + (f" (≤ {TARGETS_MEDIAN[nfe]})" if nfe in TARGETS_MEDIAN else ""),
+                     f"{worst:.2f} (≤ {TARGETS_WORST[nfe]}; {where.replace('|', ' / ')})", f"{wins} of {len(vals)}",
+                     f"{flips_o:.1f} / {flips_p:.1f}"])
+    table = markdown_table(["NFE", "median ratio (target)", "worst ratio (target; where)", "cases the default wins",
+                            "median mode flips % ours / best peer"], rows)
+    verdicts = "; ".join(f"{t['name']}: {t['verdict']}" for t in payload["targets"])
+    return table + "\n\n" + verdicts
 
 
 def _plot(panels: dict) -> None:
