@@ -20,6 +20,8 @@ Each peer gets the exact denoiser at the noise level it believes it is at, in th
 (epsilon, EDM preconditioned output or flow velocity). Error = RMSE per dimension against a dopri5
 solve (float64, rtol=atol=1e-10, max norm) of the PF-ODE from each method's *own* start state;
 references are cached per start. k-diffusion is not installed here (optional extra): not run.
+Samples per case: 150-400 on the tuning half, 40-120 on the reporting half (so that the report
+run fits ~10 min of two CPU threads: ``--cases`` subsets run in parallel with ``--part``, then ``--merge``).
 
 Targets (issue 13, reporting half, the default given only an NFE budget, vs the best peer at the
 same NFE): worst case over (case, schedule) <= 0.8x at NFE 5, 10, 20 and <= 1.0x at NFE 50; median
@@ -59,7 +61,7 @@ from diffusion import schedules as sched_lib  # noqa: E402
 
 NAME = "sampler_suite"
 NFES = (5, 10, 20, 50, 100)
-PEER_NFES = (5, 8, 10, 20, 50)  # the targets compare at 5-50; 8 is the learned-solver comparison budget
+PEER_NFES = (5, 10, 20, 50)  # the budgets the targets compare at
 EVAL_SEED = 0
 REF_TOL = 1e-10
 SE_INF_PROXY = 1e10  # a start at se=inf (flow, t=1) is solved from here: O(1/se) = 1e-10 away
@@ -100,30 +102,30 @@ class Case:
 
 CASES: list[Case] = [
     Case("ring2d", oracle_lib.ring2d, 400, "tune", "8 modes on a circle, std 0.08"),
-    Case("ring2d-sharp", lambda: oracle_lib.ring2d(std=0.01), 400, "report", "8 modes, std 0.01"),
+    Case("ring2d-sharp", lambda: oracle_lib.ring2d(std=0.01), 120, "report", "8 modes, std 0.01"),
     Case("2d-overlap-unequal", lambda: _mixture(2, 2, 1, 0.3, (0.25, 0.25), "unequal"), 400, "tune",
          "2 poorly separated modes, weights up to 10:1"),
-    Case("2d-aniso-rot", lambda: _mixture(2, 3, 2, 1.0, (0.02, 0.3), "unequal", "rotated"), 400, "report",
+    Case("2d-aniso-rot", lambda: _mixture(2, 3, 2, 1.0, (0.02, 0.3), "unequal", "rotated"), 120, "report",
          "3 rotated elongated modes"),
     Case("8d-sep", lambda: _mixture(8, 4, 3, 2.0, (0.03, 0.06), "unequal"), 300, "tune", "4 well separated narrow modes"),
-    Case("8d-overlap", lambda: _mixture(8, 6, 4, 0.5, (0.4, 0.6)), 300, "report", "6 overlapping wide modes"),
+    Case("8d-overlap", lambda: _mixture(8, 6, 4, 0.5, (0.4, 0.6)), 100, "report", "6 overlapping wide modes"),
     Case("16d-aniso-rot", lambda: _mixture(16, 5, 5, 1.5, (0.01, 0.3), "equal", "rotated"), 300, "tune",
          "5 rotated modes, axes 0.01-0.3"),
-    Case("32d-mix", lambda: oracle_lib.mixture64d(dim=32, seed=6), 300, "report", "mixture64d recipe at 32-D"),
+    Case("32d-mix", lambda: oracle_lib.mixture64d(dim=32, seed=6), 64, "report", "mixture64d recipe at 32-D"),
     Case("mixture64d", oracle_lib.mixture64d, 200, "tune", "10 rotated modes, eigenvalues 0.003-0.05"),
-    Case("64d-wide-unequal", lambda: _mixture(64, 5, 7, 1.0, (0.3, 1.0), "unequal"), 200, "report",
+    Case("64d-wide-unequal", lambda: _mixture(64, 5, 7, 1.0, (0.3, 1.0), "unequal"), 64, "report",
          "5 wide modes (std up to 1), unequal weights"),
     Case("128d-diag-2dec", lambda: _mixture(128, 4, 8, 2.0, (0.01, 1.0), "equal", "diag"), 200, "tune",
          "4 modes, per-axis std 0.01-1 (two decades)"),
-    Case("256d-sharp", lambda: _mixture(256, 8, 9, 2.0, (0.02, 0.05), "unequal", "diag"), 200, "report",
+    Case("256d-sharp", lambda: _mixture(256, 8, 9, 2.0, (0.02, 0.05), "unequal", "diag"), 40, "report",
          "8 narrow modes, unequal weights"),
     Case("512d-overlap", lambda: _mixture(512, 3, 10, 0.5, (0.3, 0.5), "equal", "diag"), 150, "tune",
          "3 overlapping modes"),
-    Case("1024d-aniso", lambda: _mixture(1024, 4, 11, 3.0, (0.01, 1.0), "unequal", "diag"), 150, "report",
+    Case("1024d-aniso", lambda: _mixture(1024, 4, 11, 3.0, (0.01, 1.0), "unequal", "diag"), 40, "report",
          "4 modes, per-axis std 0.01-1, unequal weights"),
     Case("1024d-many", lambda: _mixture(1024, 10, 12, 2.0, (0.05, 0.1), "unequal", "diag"), 150, "tune",
          "10 modes, unequal weights"),
-    Case("2048d-two", lambda: _mixture(2048, 2, 13, 1.0, (0.02, 0.2), "unequal", "diag"), 150, "report",
+    Case("2048d-two", lambda: _mixture(2048, 2, 13, 1.0, (0.02, 0.2), "unequal", "diag"), 40, "report",
          "2 modes, per-axis std 0.02-0.2"),
 ]
 
@@ -409,6 +411,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cases", default=None, help="comma-separated case names (default: the half's cases)")
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--readme", action="store_true", help="print the README's table from results/sampler_suite.json")
+    ap.add_argument("--part", default=None, metavar="FILE.json",
+                    help="write only this run's raw results there (run several --cases subsets in parallel)")
+    ap.add_argument("--merge", default=None, metavar="A.json,B.json", help="report from --part files instead of running")
     args = ap.parse_args(argv)
     if args.readme:
         print(readme_table(json.loads((RESULTS_DIR / f"{NAME}.json").read_text())))
@@ -424,6 +429,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         cases = [c for c in CASES if c.name in want]
     scheds = args.schedules.split(",")
+    if args.merge:
+        results, seconds = {}, 0.0
+        for f in args.merge.split(","):
+            part = json.loads(Path(f).read_text())
+            results.update(part["results"])
+            seconds += part["seconds"]
+        names = {k.split("|")[0] for k in results}
+        report(results, [c for c in CASES if c.name in names], scheds, seconds)
+        return 0
     methods = (tuning_candidates() if args.candidates == "search" else final_candidates()) if args.tune else {"default": None}
     t0 = time.time()
     results, peer_cache = {}, {}
@@ -432,6 +446,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             with Timer() as tm:
                 results[f"{c.name}|{sn}"] = evaluate(c, sn, methods, True, print, peer_cache)
             print(f"{c.name:20s} {sn:9s} {tm.s:6.1f}s  ref {results[f'{c.name}|{sn}']['reference']}", flush=True)
+    if args.part:
+        Path(args.part).write_text(json.dumps({"results": results, "seconds": time.time() - t0}))
+        return 0
     if args.tune:
         write_json(f"{NAME}_tune_{args.candidates}", {"cases": [c.name for c in cases], "candidates": methods, "results": results,
                                     "seconds": time.time() - t0, "environment": environment()})
