@@ -34,6 +34,12 @@ ring (0.8-1.5x the best peer) where the polynomial grid wins (0.3x), hence the s
 that lost everywhere: unipc (orders 2, 3) and dpmpp_3m on these grids (unipc on flow_uniform is
 unstable at the large first step from SE_CAP), p = 1.0 and 1.5, karras rho 3 and 7. The switch
 point NFE 16 lies between the measured budgets 10 and 20.
+
+Reporting half (benchmarks/results/sampler_suite.md, 8 other cases x 5 schedules): the rule misses
+every issue-13 target. Median ratio to the best peer 0.89 / 0.98 / 0.69 / 0.71 at NFE 5 / 10 / 20 / 50,
+worst 2.9 / 5.6 / 28 / 62, error monotone on 27 of 40 pairs. It loses on sharp modes (widths 0.01-0.05),
+where se_last stays above the data's width, and the NFE-16 switch hurt 256d-sharp. A rule that also
+adapts se_last to the data's smallest scale is the next step; it was not measured here.
 """
 
 from __future__ import annotations
