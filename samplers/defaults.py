@@ -2,44 +2,32 @@
 
 The rule (chosen on the tuning half of benchmarks/sampler_suite.py; reported on the other half in
 benchmarks/results/sampler_suite.md): iPNDM of order 3 with the analytical first step (AFS) for
-every schedule and data shape; the grid depends on the step count n (= NFE + 1 with AFS):
-
-* n < HIGH_STEPS (NFE <= 15): ``polynomial`` log-sigma grid, p = 0.7, from the schedule's top
-  (SE_CAP = 1000 on flow) to se_last = 0.025 (10/n);
-* n >= HIGH_STEPS (NFE >= 16): ``flow_uniform`` grid (flow sigma se/(1+se) uniform, shift 1,
-  from the schedule's top) to se_last = 0.02 (10/n).
-
-Samplers named by the user whose registry grid is "default" (euler, heun, dpmpp_2m/3m, unipc, ipndm,
-mvt) get the polynomial grid with the shrinking se_last at every n: on ring2d at NFE 20 the
-flow_uniform grid made unipc 7x, dpmpp_2m 6x and dpmpp_3m 40x worse (large first step in lam).
+every schedule and data shape, on the ``polynomial`` log-sigma grid (p = 0.7) from the schedule's top
+(SE_CAP = 1000 on flow) to se_last = 0.025 (10/n) for n steps (n = NFE + 1).
 
 se_last shrinks like 1/n so that the final readout, whose error grows like se_last^2, keeps falling
-with the budget: the old fixed se_last = 0.025 stalled at ~3e-3 RMSE past NFE 20 (issue 13) and was
-2-3.5x worse than the best diffusers configuration at NFE 50 on every tuning case.
+with the budget: the old fixed se_last = 0.025 stalled at ~3e-3 RMSE past NFE 20 (issue 13), was never
+monotone NFE 5..100 (0 of 20 tuning pairs) and reached 24x the best diffusers configuration at NFE 50.
 
-Tuning half (ring2d, mixture64d, 128d-diag-2dec on ddpm and flow; 200-400 samples; RMSE ratio to the
-best of 26 diffusers VP / 12 flow configurations at the same NFE, seed 0; sampler_suite_tune.json):
+Final check on the tuning half (2d-overlap-unequal, 8d-sep, mixture64d, 128d-diag-2dec, 512d-overlap on
+ddpm, cosine, edm, flow: 20 pairs; results/sampler_suite_tune_final.json; ratio to the best peer):
 
-    grid / se_last rule                NFE 5 worst  NFE 10 worst  NFE 20 worst  NFE 50 worst  monotone 5..100
-    polynomial p=0.7, fixed 0.025      0.93         1.12          3.09          3.51          0 of 6
-    polynomial p=0.7, 0.025 (10/n)     0.79         1.11          3.11          0.99          6 of 6
-    polynomial p=0.7, 0.025 (10/n)^1.5 0.80         1.11          3.53          1.25          6 of 6
-    flow_uniform, 0.02 (10/n)          (ring2d/flow 0.80)  (0.86)   0.25          0.56          -
+    rule                                   worst@5  worst@10  worst@20  worst@50  median@5  median@10  monotone
+    polynomial, fixed se_last 0.025 (old)  0.99     4.15      3.09      24.1      0.53      0.38       0 of 20
+    polynomial, se_last 0.025 (10/n)       0.79     4.11      3.11      19.1      0.40      0.38       17 of 20  <- chosen
+    flow_uniform, se_last 0.02 (10/n)      1.51     4.09      32.8      25.6      0.60      0.59       20 of 20
+    polynomial below NFE 16, flow_uniform
+      from NFE 16 (the first choice)       0.79     4.11      32.8      25.6      0.40      0.38       12 of 20
 
-The NFE-20 misses of every log-sigma grid come from 128d-diag-2dec (per-axis widths 0.01-1): its
-modes separate at se ~ 0.3-3, where a log-sigma grid from se_max puts few nodes; at NFE 20 the
-flow_uniform grid cut its error 10x (4.7e-2 -> 2.8e-3 on ddpm, 3.3e-2 -> 2.7e-3 on flow) and also won
-on ring2d (3.7e-3 vs 4.5e-3) and mixture64d (1.7e-3 vs 2.1e-3) on flow. At NFE 5-10 it lost on the
-ring (0.8-1.5x the best peer) where the polynomial grid wins (0.3x), hence the switch. Candidates
-that lost everywhere: unipc (orders 2, 3) and dpmpp_3m on these grids (unipc on flow_uniform is
-unstable at the large first step from SE_CAP), p = 1.0 and 1.5, karras rho 3 and 7. The switch
-point NFE 16 lies between the measured budgets 10 and 20.
+The first search (results/sampler_suite_tune_search.json: ring2d, mixture64d, 128d-diag-2dec on ddpm and
+flow; ipndm3, unipc2/3, dpmpp_3m x p 0.7/1.0 x se_last exponent 0/1/1.5/2) picked ipndm3 + p=0.7 + 1/n
+and suggested flow_uniform from NFE 16 (it cut 128d-diag-2dec's NFE-20 error 10x); the wider final check
+above showed that switch losing up to 33x on 8d-sep and mixture64d, so it is off (GRID_HIGH is kept,
+HIGH_STEPS = None). Every rule misses the worst-case targets on the tuning half already.
 
-Reporting half (benchmarks/results/sampler_suite.md, 8 other cases x 5 schedules): the rule misses
-every issue-13 target. Median ratio to the best peer 0.89 / 0.98 / 0.69 / 0.71 at NFE 5 / 10 / 20 / 50,
-worst 2.9 / 5.6 / 28 / 62, error monotone on 27 of 40 pairs. It loses on sharp modes (widths 0.01-0.05),
-where se_last stays above the data's width, and the NFE-16 switch hurt 256d-sharp. A rule that also
-adapts se_last to the data's smallest scale is the next step; it was not measured here.
+Reporting half: see benchmarks/results/sampler_suite.md (the README quotes its summary). Samplers named by
+the user get the same polynomial grid with the shrinking se_last; unipc, dpmpp_2m and dpmpp_3m were 6-40x
+worse on flow_uniform (large first step in lam; ring2d, NFE 20).
 """
 
 from __future__ import annotations
@@ -50,7 +38,8 @@ OPTIONS: dict = {"afs": True, "order": 3}
 GRID: dict = {"kind": "polynomial", "p": 0.7, "se_last": 0.025}
 #: grid from HIGH_STEPS steps on
 GRID_HIGH: dict = {"kind": "flow_uniform", "shift": 1.0, "se_last": 0.02}
-HIGH_STEPS = 17
+#: from this many steps the default configuration would switch to GRID_HIGH; None: never (see above)
+HIGH_STEPS = None
 SE_LAST_STEPS = 10
 
 
@@ -60,7 +49,7 @@ def grid_params(n: int, high: bool = True) -> tuple[str, dict]:
     ``high=False`` (a sampler named by the user) keeps GRID at every n: the switch to GRID_HIGH was
     measured for the default solver only, and the lam-multistep solvers lose 5-60x on it (ring2d, NFE 20).
     """
-    base = GRID_HIGH if high and n >= HIGH_STEPS else GRID
+    base = GRID_HIGH if high and HIGH_STEPS is not None and n >= HIGH_STEPS else GRID
     params = {k: v for k, v in base.items() if k != "kind"}
     params["se_last"] = base["se_last"] * SE_LAST_STEPS / max(n, 1)
     return base["kind"], params
@@ -68,5 +57,7 @@ def grid_params(n: int, high: bool = True) -> tuple[str, dict]:
 
 def describe() -> str:
     """One line stating the rule."""
+    if HIGH_STEPS is None:
+        return f"{SAMPLER} {OPTIONS}; {GRID['kind']} p={GRID['p']} se_last={GRID['se_last']}*10/n for n steps"
     return (f"{SAMPLER} {OPTIONS}; n < {HIGH_STEPS} steps: {GRID['kind']} p={GRID['p']} se_last={GRID['se_last']}*10/n; "
             f"n >= {HIGH_STEPS}: {GRID_HIGH['kind']} shift={GRID_HIGH['shift']} se_last={GRID_HIGH['se_last']}*10/n")
