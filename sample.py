@@ -56,7 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per network call (does not change the images)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i")
     p.add_argument("--out", required=True, help="output folder for PNGs and samples.json")
-    p.add_argument("--grid", default=None, metavar="FILE.png", help=f"also write a grid of the first {GRID_MAX_IMAGES} images")
+    p.add_argument("--grid", default=None, metavar="NAME|FILE.png",
+                   help="sampling grid family (samplers.grids.available(): karras, polynomial, ...); a value ending in "
+                        f".png instead writes a picture of the first {GRID_MAX_IMAGES} images there")
+    p.add_argument("--grid-opt", action="append", default=None, metavar="K=V",
+                   help="grid option, repeatable (e.g. --grid polynomial --grid-opt p=0.7 --grid-opt se_last=0.01)")
+    p.add_argument("--opt", action="append", default=None, metavar="K=V",
+                   help="sampler option, repeatable (e.g. --sampler unipc --opt order=3 --opt variant=bh1)")
     p.add_argument("--npz", default=None, metavar="FILE", help="also write all images as uint8 NHWC 'images' in an npz")
     p.add_argument("--class-label", type=int, default=None, help="class for every image (conditional models)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale w (1 = none)")
@@ -361,6 +367,15 @@ def run(args: argparse.Namespace) -> dict:
         opts["predictor"] = args.predictor
     if args.eta is not None:
         opts["eta"] = args.eta
+    # --grid NAME picks the sampling grid; --grid FILE.png keeps its old meaning (a picture of the images)
+    from samplers import options as sopts
+
+    grid_name = args.grid if args.grid and not args.grid.lower().endswith(".png") else None
+    args.grid = None if grid_name else args.grid
+    grid_opts = sopts.parse_kv(args.grid_opt, "--grid-opt")
+    sopts.check_grid_choice(grid_name, grid_opts)
+    opts.update(sopts.parse_kv(args.opt, "--opt"))
+    sopts.check_sampler_options(sampler or samplers.defaults.SAMPLER, opts)
     if args.afs or needs_afs(sampler, args.nfe, opts):
         opts["afs"] = True
 
@@ -383,12 +398,16 @@ def run(args: argparse.Namespace) -> dict:
         model, ckpt = load_source(args.run, args.pretrained, ema=not args.no_ema, device=device)
     check_conditioning(model, args.class_label, args.cfg_scale)
     native_grid, native_opts, native_scale = None, {}, 1.0
-    if getattr(model, "diffusers_scheduler", None) is not None:  # --pretrained: its own sampler takes its own steps
+    # --pretrained: the scheduler's own sampler takes the pipeline's steps, unless a grid is named
+    if getattr(model, "diffusers_scheduler", None) is not None and grid_name is None and not grid_opts:
         from diffusion.scheduler_fields import native_noise_scale, native_sampling
 
         native_grid, native_opts = native_sampling(model, model.diffusers_scheduler, sampler, args.nfe, opts)
         if native_grid is not None:  # and starts where the pipeline starts
             native_scale = native_noise_scale(model, model.diffusers_scheduler, native_grid)
+    # the pipeline's own steps (--pretrained with its scheduler's sampler), else a named grid family or the default
+    grid_args = ({"grid": native_grid} if native_grid is not None
+                   else {"grid": grid_name, "grid_opts": grid_opts or None})
     dtype = DTYPES[args.dtype]
     model.net.to(dtype)
     if args.compile:  # in place: compiles on the first batch, later batches of the same shape reuse it
@@ -422,7 +441,7 @@ def run(args: argparse.Namespace) -> dict:
                 res = generate_one_step(model, noise, one_step, labels)
             else:
                 res = samplers.sample(model, noise, sampler=sampler, nfe=args.nfe, generator=gens,
-                                      class_labels=labels, grid=native_grid, **opts, **native_opts)
+                                      class_labels=labels, **grid_args, **opts, **native_opts)
             bad = int((~torch.isfinite(res.x)).reshape(len(idx), -1).any(1).sum())
             if bad:
                 raise FloatingPointError(f"{bad} of {len(idx)} samples in images {idx[0]}..{idx[-1]} are not finite "
@@ -454,6 +473,7 @@ def run(args: argparse.Namespace) -> dict:
         "class_label": args.class_label, "cfg_scale": args.cfg_scale, "guidance": guidance,
         "skip_tuning": None if factors is None else {"rho_bottom": args.skip_tuning, "factors": factors},
         "predictor": args.predictor, "options": {k: v for k, v in {**opts, **native_opts}.items() if k != "predictor"},
+        "grid_name": grid_name, "grid_options": grid_opts,
         "wall_time_s": wall, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "command": "sample.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sample.py") else None,

@@ -33,7 +33,7 @@ from diffusion import oracle as oracle_lib
 from diffusion.build import build_score_model
 from diffusion.config import schema
 from diffusion.losses import build_objective
-from diffusion.schedules import by_name
+from diffusion.schedules import SCHEDULES, by_name
 from diffusion.score_model import ScoreModel
 
 
@@ -150,7 +150,11 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", oracle_schedule:
     if not isinstance(spec, str) or not spec:
         raise TeacherError(f"teacher must be a non-empty string (run folder, 'oracle:NAME' or 'pretrained:DIR'); got {spec!r}")
     if spec.startswith("oracle:"):
-        return _oracle_teacher(spec.split(":", 1)[1], oracle_schedule)
+        # 'oracle:NAME@SCHEDULE' picks the schedule from the command line (e.g. oracle:ring2d@flow)
+        name, _, sched = spec.split(":", 1)[1].partition("@")
+        if sched and sched not in SCHEDULES:
+            raise TeacherError(f"cannot load teacher {spec!r}: unknown schedule {sched!r}; valid schedules: {sorted(SCHEDULES)}")
+        return _oracle_teacher(name, sched or oracle_schedule)
     if spec.startswith("pretrained:"):
         return _pretrained_teacher(spec.split(":", 1)[1], device)
     return _run_teacher(spec, device)

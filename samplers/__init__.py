@@ -10,6 +10,7 @@
 from . import grids, noise
 from . import adaptive as _adaptive  # noqa: F401  (registers)
 from . import flow as _flow  # noqa: F401
+from . import multistep as _multistep  # noqa: F401
 from . import ode as _ode  # noqa: F401
 from . import stochastic as _stochastic  # noqa: F401
 from .api import SampleResult, default_grid, sample

@@ -34,20 +34,37 @@ class SampleResult:
     sampler: str
 
 
-def default_grid(sampler: str, n: int, schedule, kind: Optional[str] = None, **grid_opts) -> torch.Tensor:
-    """The grid ``sample`` builds for ``n`` steps: the sampler's default family (or ``kind``) on the schedule."""
+#: samplers whose noise eta_t = eta g(t) is singular at se=inf (t=1 of the flow family)
+_SDE_IN_T = ("euler_maruyama", "pc")
+
+
+def default_grid(sampler: str, n: int, schedule, kind: Optional[str] = None, *, default_rule: bool = False,
+                 **grid_opts) -> torch.Tensor:
+    """The grid ``sample`` builds for ``n`` steps: the sampler's default family (or ``kind``) on the schedule.
+
+    ``default_rule``: the grid of the default configuration (no sampler named), which switches to
+    ``flow_uniform`` at high budgets; a named sampler keeps the low-budget family at every ``n``
+    (the lam-multistep solvers unipc, dpmpp_2m/3m are 5-60x worse on flow_uniform's large first step).
+    """
     kind = kind or spec(sampler).grid
+    if kind == "uniform_t" and not grid_opts and schedule.family not in ("vp", "flow"):
+        # t-uniform spacing is DDIM's / FlowMatch's convention for VP and flow models; on VE/EDM
+        # schedules se is ~linear in t, so it would leave a last step from se_max/n to 0.
+        kind = "default"
     if kind == "default":
-        params = {k: v for k, v in defaults.GRID.items() if k != "kind"}
-        kind = defaults.GRID["kind"]
+        kind, params = defaults.grid_params(n, high=default_rule)  # the measured rule, se_last shrinking with n
         params.update(grid_opts)
         grid_opts = params
     try:
         key = tuple(sorted(grid_opts.items()))
         hash(key)
+        g = _cached_grid(kind, n, schedule, key).clone()
     except TypeError:  # unhashable options (lists, tensors): build it afresh
-        return grids.make(kind, n, schedule, **grid_opts)
-    return _cached_grid(kind, n, schedule, key).clone()
+        g = grids.make(kind, n, schedule, **grid_opts)
+    if sampler in _SDE_IN_T and math.isinf(g[0]) and g.numel() > 1 and g[1] < grids.SE_CAP:
+        # the reverse SDE's diffusion g(t) diverges at t=1 of flow schedules: start those at SE_CAP
+        g[0] = grids.SE_CAP
+    return g
 
 
 @functools.lru_cache(maxsize=1024)
@@ -76,6 +93,7 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
         raise ValueError(f"noise must be a tensor [B, ...] of unit Gaussian noise; got "
                          f"{type(noise).__name__} of shape {tuple(getattr(noise, 'shape', ()))}")
+    default_rule = sampler is None
     if sampler is None:
         sampler = defaults.SAMPLER
         opts = {**defaults.OPTIONS, **opts}
@@ -102,7 +120,7 @@ def sample(model, noise: torch.Tensor, *, sampler: Optional[str] = None, nfe: Op
             raise ValueError(f"give an NFE budget (nfe=...) or a grid for sampler {sampler!r}"
                              + (" (adaptive: a grid [se_max, se_last, 0])" if s.nfe is None else ""))
         n = steps_for_nfe(sampler, nfe, **opts)
-        g = default_grid(sampler, n, schedule, grid, **(grid_opts or {}))
+        g = default_grid(sampler, n, schedule, grid, default_rule=default_rule, **(grid_opts or {}))
     else:
         if grid_opts:
             raise ValueError("grid_opts only apply when the grid is built here (grid=None or a grid name)")

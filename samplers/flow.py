@@ -1,8 +1,12 @@
-"""Rectified-flow Euler (THEORY §4.7): ``x <- x + (t_next - t) velocity(x, t)`` in the schedule's t.
+"""Rectified-flow Euler (docs/theory.md §6.8): Euler on the PF-ODE in the schedule's own noise coordinate.
 
-On the flow schedule (alpha = 1-t, sigma = t) this starts at t=1 (grid se=inf, x = eps) and equals
-Euler in the EDM view / deterministic DDIM step for step, because x + (t_n - t)(eps - x0) =
-(1-t_n) x0 + t_n eps. On other schedules it is plain Euler of the PF-ODE in t.
+On the flow family (alpha = 1 - sigma, shifted flows included) the PF-ODE in sigma is
+``dx/dsigma = eps_hat - x0_hat`` (the velocity), and Euler in sigma is diffusers'
+FlowMatchEulerDiscreteScheduler step for step: ``x += (sigma_next - sigma)(eps_hat - x0_hat)``.
+On the unshifted flow sigma = t, so this is also Euler in t, equal to deterministic DDIM and to Euler in
+the EDM view, because x + (t_n - t)(eps - x0) = (1-t_n) x0 + t_n eps. It starts at se=inf (sigma = 1)
+exactly; working in sigma keeps a shifted flow's t=1 free of the schedule's derivatives there.
+On other families it is plain Euler of the PF-ODE in t.
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ from .stochastic import report_x, sde_step, times
 @torch.no_grad()
 def flow_euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike = None, callback=None,
                class_labels: Optional[torch.Tensor] = None, progress: bool = False) -> torch.Tensor:
-    """Euler on the PF-ODE in t: x += (t_next - t) * velocity (the eta=0 member of euler_maruyama)."""
+    """Euler on the PF-ODE: in sigma on flow schedules (FlowMatchEuler), in t elsewhere."""
     sig, ts, alphas = times(model, grid)
     watch = FiniteWatch()
+    in_sigma = model.schedule.family == "flow"
+    sigmas = [1.0 - a for a in alphas]  # flow family: sigma = 1 - alpha, grid floats computed once
     for i in steps(sig, progress, "flow_euler"):
-        x, pred = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels, lazy=True)
-        x0, pred = (None if callback is None else pred.x0), None  # don't keep the previous state alive
+        if in_sigma:
+            pred = model(x, ts[i], class_labels)
+            x0 = pred.x0
+            x = x0 if sig[i + 1] == 0 else x + (sigmas[i + 1] - sigmas[i]) * (pred.eps - x0)
+        else:
+            x, pred = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels, lazy=True)
+            x0 = None if callback is None else pred.x0
+        pred = None  # don't keep the previous state alive
         report_x(callback, i, sig, x, alphas[i + 1], x0, watch)
     watch.close(x)
     return x

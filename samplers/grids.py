@@ -148,7 +148,41 @@ def uniform_t(schedule: Schedule, n: int, se_last: Optional[float] = None) -> to
     return _finish(schedule.sigma_edm(t), n, f"uniform_t grid of {schedule.name}")
 
 
+def flow_uniform(n: int, se_last: Optional[float] = None, shift: float = 1.0, se_max: float = math.inf) -> torch.Tensor:
+    """FlowMatchEuler's grid: flow sigma uniform from 1 to sigma_last, warped by SD3's shift, as EDM sigmas, then 0.
+
+    The flow noise level sigma = se/(1+se) runs linearly from 1 (se=inf) to the unwarped sigma_last,
+    then ``shift`` maps it to s sigma/(1 + (s-1) sigma) (docs/theory.md §5.2, §10.2: the SD3 time shift). Without
+    ``se_last`` the unwarped sigma_last is diffusers' 1/1000. Works for any schedule: it is a grid in se,
+    starting at ``se_max`` (the schedule's top in ``make``; inf on flow) with the same spacing below it.
+    """
+    _check_n(n, "flow_uniform grid")
+    if not (shift > 0 and math.isfinite(shift)):
+        raise ValueError(f"flow_uniform grid: shift must be a finite number > 0; got {shift}")
+    if se_last is None:
+        s_last = 1e-3
+    else:
+        if not 0 < se_last < math.inf:
+            raise ValueError(f"flow_uniform grid: se_last must be > 0 and finite; got {se_last}")
+        warped = se_last / (1 + se_last)
+        s_last = warped / (shift - (shift - 1) * warped)  # the inverse of the shift
+    if not se_max > 0:
+        raise ValueError(f"flow_uniform grid: se_max must be > 0; got {se_max}")
+    w_top = 1.0 if math.isinf(se_max) else se_max / (1 + se_max)
+    s_top = w_top / (shift - (shift - 1) * w_top)
+    if not s_last < s_top:
+        raise ValueError(f"flow_uniform grid: need se_last < se_max; got se_last={se_last}, se_max={se_max}")
+    sig = torch.linspace(s_top, s_last, n, dtype=torch.float64) if n > 1 else torch.full((1,), s_top, dtype=torch.float64)
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    se = sig / (1 - sig)  # 1/0 = inf at the top: the grid starts at t=1 of a flow model
+    se[0] = se_max
+    if se_last is not None and n > 1:
+        se[-1] = se_last
+    return _finish(se, n, "flow_uniform grid")
+
+
 GRIDS: dict[str, Callable[..., torch.Tensor]] = {
+    "flow_uniform": flow_uniform,
     "karras": karras,
     "polynomial": polynomial,
     "uniform_logsnr": uniform_logsnr,
@@ -175,10 +209,13 @@ def make(kind: str, n: int, schedule: Optional[Schedule] = None, **params) -> to
         if sched is None:
             raise ValueError("the uniform_t grid needs a schedule (schedule= or grid_schedule=)")
         return uniform_t(sched, n, **params)
+    if kind == "flow_uniform":
+        params.setdefault("se_max", math.inf if schedule is None else schedule.sigma_edm_max)
+        return flow_uniform(n, **params)
     params.setdefault("se_max", top_sigma(schedule) if schedule is not None else 80.0)
     params.setdefault("se_last", default_se_last(schedule))
     return GRIDS[kind](n, **params)
 
 
 __all__ = ["SE_CAP", "SE_LAST", "top_sigma", "default_se_last", "check_grid", "grid_values", "polynomial", "uniform_logsnr",
-           "karras", "vp_time_uniform", "uniform_t", "GRIDS", "available", "make"]
+           "karras", "vp_time_uniform", "uniform_t", "flow_uniform", "GRIDS", "available", "make"]

@@ -94,3 +94,22 @@ def test_bad_grid_input():
         grids.check_grid(torch.tensor([math.inf, math.inf, 0.0]))
     with pytest.raises(ValueError, match="NaN"):
         grids.check_grid(torch.tensor([1.0, float("nan"), 0.0]))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_uniform_matches_diffusers_flow_match_euler(shift):
+    import diffusers
+
+    s = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    s.set_timesteps(12)
+    sig = s.sigmas.double()[:-1]
+    ref = sig / (1 - sig)  # flow sigma -> EDM sigma; inf at sigma = 1
+    g = grids.flow_uniform(12, se_last=ref[-1].item(), shift=shift)
+    assert g.numel() == 13 and g[-1] == 0 and math.isinf(g[0]) and math.isinf(ref[0])
+    assert torch.allclose(g[1:-1], ref[1:], rtol=1e-5)  # diffusers' table is float32
+    # default: unwarped sigma_last = 1/1000; works as the grid of an EDM-view sampler on flow
+    d = grids.make("flow_uniform", 6, schedules.by_name("flow"), shift=3.0)
+    sp = 3 * 1e-3 / (1 + 2 * 1e-3)
+    assert d[-2].item() == pytest.approx(sp / (1 - sp), rel=1e-12)
+    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+        grids.flow_uniform(5, shift=0.0)

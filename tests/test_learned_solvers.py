@@ -15,7 +15,7 @@ from diffusion.schedules import by_name
 from distill import __main__ as distill_cli
 from distill import amed as amed_lib
 from distill import grid as grid_lib
-from distill.common import Teacher, load_teacher, oracle_teacher
+from distill.common import Teacher, TeacherError, load_teacher, oracle_teacher
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +266,20 @@ def test_target_verdicts():
     assert common.Target("x", 0.5, 0.6).verdict == "PASS"
     assert common.Target("x", 0.7, 0.6).verdict == "MISS"
     assert "[MISS]" in common.Target("x", 0.7, 0.6).line()
+
+
+def test_learned_grid_and_amed_on_a_flow_teacher():
+    """issue 13: both learned solvers train on a flow-schedule teacher (start at SE_CAP, t=1 is se=inf)."""
+    teacher = load_teacher("oracle:ring2d@flow")
+    assert teacher.model.schedule.name == "flow"
+    opts = dict(samplers.defaults.OPTIONS)
+    init = grid_lib.initial_grid(teacher.model, "ipndm", 4, opts, kind="polynomial")
+    noise = grid_lib.training_noise(64, teacher.shape, dtype=torch.float64)
+    target = grid_lib.teacher_states(teacher.model, noise, init, rtol=1e-7, atol=1e-7)[-1]
+    fit = grid_lib.fit_grid(teacher.model, noise, target, init, "ipndm", opts, max_evals=5)
+    assert fit.loss_final < 0.7 * fit.loss_init and fit.grid[-1] == 0
+    am = amed_lib.distill(teacher, 5, True, teacher_solver="adaptive", n_train=32, iters=3, batch=32)
+    x = samplers.sample(teacher.model, noise[:8], sampler="mvt", predictor=am.predictor, grid=am.grid).x
+    assert torch.isfinite(x).all() and am.grid[0] == samplers.grids.SE_CAP
+    with pytest.raises(TeacherError, match="unknown schedule 'flw'"):
+        load_teacher("oracle:ring2d@flw")

@@ -135,3 +135,19 @@ def test_bad_mixture_inputs():
         O.GaussianMixture(torch.zeros(1, 2), torch.tensor([[[1.0, 0.0], [0.0, -1.0]]]))
     with pytest.raises(ValueError, match=r"\[K, D\]"):
         O.GaussianMixture(torch.zeros(3), torch.ones(3))
+
+
+def test_diagonal_fast_path_matches_full_covariance():
+    # the same mixture, once detected diagonal and once with a rotation that hides it (then undone)
+    g = torch.Generator().manual_seed(3)
+    means = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    var = torch.rand(3, 5, dtype=torch.float64, generator=g) + 0.05
+    diag = O.GaussianMixture(means, var, torch.tensor([0.2, 0.3, 0.5]))
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=g))
+    full = O.GaussianMixture(means @ q.T, q @ torch.diag_embed(var) @ q.T, torch.tensor([0.2, 0.3, 0.5]))
+    assert diag.diagonal and not full.diagonal
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    for a, s in ((1.0, 0.0), (0.8, 0.6), (0.0, 1.0)):
+        assert torch.allclose(diag.x0_hat(x, a, s) @ q.T, full.x0_hat(x @ q.T, a, s), atol=1e-10)
+        assert torch.allclose(diag.log_prob(x, a, s), full.log_prob(x @ q.T, a, s), atol=1e-10)
+    assert diag.sample(4, torch.Generator().manual_seed(0)).shape == (4, 5)

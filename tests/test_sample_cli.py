@@ -184,3 +184,37 @@ def test_two_processes_write_the_same_images(run_dir, tmp_path):
                 "--out", tmp_path / "sp") == 0
     assert json.loads((tmp_path / "mp" / "samples.json").read_text())["num_processes"] == 2
     assert np.array_equal(images(tmp_path / "mp"), images(tmp_path / "sp"))
+
+
+def test_grid_name_grid_opt_and_opt_reproduce_a_suite_row(run_dir, tmp_path, capsys):
+    import samplers
+
+    out = tmp_path / "g"
+    assert call("--run", run_dir, "--sampler", "unipc", "--nfe", 6, "--num", 2, "--out", out, "--grid", "polynomial",
+                "--grid-opt", "p=0.7", "--grid-opt", "se_last=0.01", "--opt", "order=3", "--opt", "variant=bh1") == 0
+    m = json.loads((out / "samples.json").read_text())
+    assert m["grid_name"] == "polynomial" and m["grid_options"] == {"p": 0.7, "se_last": 0.01}
+    assert m["options"] == {"order": 3, "variant": "bh1"} and m["sampler"] == "unipc" and m["nfe"] == 6
+    assert m["grid"][-2] == pytest.approx(0.01) and len(m["grid"]) == 7
+    # the same grid through the Python API
+    assert m["grid"] == samplers.grids.make("polynomial", 6, None, p=0.7, se_last=0.01,
+                                            se_max=m["grid"][0]).tolist()
+    # --grid FILE.png keeps writing the picture of the images
+    assert call("--run", run_dir, "--nfe", 5, "--num", 2, "--out", tmp_path / "p", "--grid", tmp_path / "pic.png") == 0
+    assert (tmp_path / "pic.png").is_file() and json.loads((tmp_path / "p" / "samples.json").read_text())["grid_name"] is None
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--grid", "karas"], r"unknown grid 'karas'; valid grids: \[.*'karras', 'polynomial'"),
+    (["--grid", "karras", "--grid-opt", "p=2"], r"grid 'karras' has no option\(s\) \['p'\]; valid options: \['se_last', 'se_max', 'rho'\]"),
+    (["--grid-opt", "rho=5"], r"--grid-opt \['rho'\] needs --grid NAME"),
+    (["--grid", "karras", "--grid-opt", "rho"], r"--grid-opt expects key=value; got 'rho'"),
+    (["--sampler", "unipc", "--opt", "rho=3"], r"sampler 'unipc' has no option\(s\) \['rho'\]; valid options: \['order', 'variant'"),
+    (["--sampler", "unipc", "--opt", "order=7"], r"unipc order must be one of \[1, 2, 3\]; got 7"),
+])
+def test_grid_and_opt_errors(run_dir, tmp_path, capsys, args, msg):
+    import re
+
+    assert call("--run", run_dir, "--nfe", 5, "--num", 1, "--out", tmp_path / "e", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(msg, err[0]), err

@@ -140,6 +140,10 @@ def test_noise_helpers_and_errors():
         noise.randn((3, 4), noise.generators(0, 2))
     model = oracle.oracle_model(oracle.ring2d(), schedules.by_name("flow"))
     with pytest.raises(ValueError, match="eta_t must be finite"):  # reverse SDE is singular at t=1 of flow
-        samplers.sample(model, torch.randn(2, 2, dtype=torch.float64), sampler="euler_maruyama", nfe=4)
+        samplers.sample(model, torch.randn(2, 2, dtype=torch.float64), sampler="euler_maruyama",
+                        grid=torch.tensor([math.inf, 1.0, 0.0], dtype=torch.float64))
+    # its default grid starts at SE_CAP instead, so it runs on flow models (every sampler on every schedule)
+    assert samplers.sample(model, torch.randn(2, 2, dtype=torch.float64), sampler="euler_maruyama",
+                           nfe=4).grid[0] == samplers.grids.SE_CAP
     with pytest.raises(ValueError, match="pc norm must be 'batch', 'sigma' or 'sample'"):
         samplers.sample(model, torch.randn(2, 2, dtype=torch.float64), sampler="pc", nfe=5, norm="l2")
