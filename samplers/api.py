@@ -11,6 +11,7 @@ at t=1 (se=inf) with ``x_T = eps`` exactly; samplers that work in the EDM view b
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union

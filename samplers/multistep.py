@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .core import denoise_and_slope, denoiser, from_edm, report, steps, to_edm
+from .core import FiniteWatch, denoise_and_slope, denoiser, from_edm, report, steps, to_edm
 from .noise import GeneratorLike
 from .registry import register
 
@@ -30,11 +30,20 @@ def _lams(sig: list[float]) -> list[float]:
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Solve the small dense system a x = b in float64 (Python floats in, Python floats out)."""
-    if not a:
-        return []
-    x = torch.linalg.solve(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
-    return x.tolist()  # once per step of the *grid*, before sampling: no tensor in the loop
+    """Solve the small dense system a x = b (at most 3x3) in Python floats: Gaussian elimination with
+    partial pivoting, so building a grid's coefficients touches no tensor (and reads no device)."""
+    n = len(b)
+    m = [list(row) + [rhs] for row, rhs in zip(a, b)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            m[r] = [u - f * v for u, v in zip(m[r], m[c])]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
 
 
 def unipc_coefficients(h: float, rks: list[float], variant: str, corrector: bool) -> tuple[float, list[float]]:
@@ -80,6 +89,7 @@ def unipc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
         raise ValueError(f"unipc variant must be one of ['bh1', 'bh2']; got {variant!r}")
     y, sig = to_edm(model, x, grid)
     D = denoiser(model, class_labels)
+    watch = FiniteWatch()  # finiteness read once at the end, not per step
     lam = _lams(sig)
     n = len(sig) - 1
     # Step i goes sig[i] -> sig[i+1] with order min(order, i+1) (warm-up through lower orders).
@@ -116,7 +126,8 @@ def unipc(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLik
             if rks:
                 res = sum(rho_p[k] * (hist[k + 1] - x0) / rk for k, rk in enumerate(rks))
                 y = y - b_h * res
-        report(callback, i, sig, y, x0)
+        report(callback, i, sig, y, x0, watch)
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
@@ -134,6 +145,7 @@ def dpmpp_3m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
     """
     y, sig = to_edm(model, x, grid)
     D = denoiser(model, class_labels)
+    watch = FiniteWatch()  # finiteness read once at the end, not per step
     lam = _lams(sig)
     w2 = 1.0 if classic else 2.0
     hist: list[torch.Tensor] = []  # newest first
@@ -158,7 +170,8 @@ def dpmpp_3m(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generator
                 d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 y = y_lin + (em1 / h + 1) * d1 - w2 * ((em1 + h) / h**2 - 0.5) * d2
-        report(callback, i, sig, y, x0)
+        report(callback, i, sig, y, x0, watch)
+    watch.close(y)
     return from_edm(model, y, sig[-1])
 
 
