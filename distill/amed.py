@@ -32,6 +32,7 @@ import samplers
 from samplers.core import afs_slope
 from samplers.mvt import AMEDPredictor, features_of, mvt_step, save_predictor
 
+from .common import add_tracker_args
 from .grid import (TEACHER_SOLVERS, TRAIN_SEED, Teacher, fit_grid, initial_grid, load_teacher, sample_with_grid,
                    teacher_states, training_noise)
 
@@ -86,8 +87,12 @@ def step_weights(grid: list[float], sigma_data: float = 0.5) -> list[float]:
 def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, afs: bool,
                     predictor: Optional[AMEDPredictor] = None, iters: int = 300, lr: float = 5e-3, batch: int = 256,
                     seed: int = TRAIN_SEED, log: Optional[Callable[[str], None]] = None,
-                    progress: bool = False) -> tuple[AMEDPredictor, list[float]]:
-    """Adam (lr 5e-3, betas 0.9/0.999 as in THEORY) on the weighted per-step L2 to the teacher's next states."""
+                    progress: bool = False, track: Optional[Callable[[dict, int], None]] = None
+                    ) -> tuple[AMEDPredictor, list[float]]:
+    """Adam (lr 5e-3, betas 0.9/0.999 as in THEORY) on the weighted per-step L2 to the teacher's next states.
+
+    ``track(values, iteration)`` receives every iteration's loss (for the experiment trackers).
+    """
     g = grid.tolist()
     if len(states) != len(g):
         raise ValueError(f"need one teacher state per grid level ({len(g)}); got {len(states)}")
@@ -123,6 +128,8 @@ def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, af
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
+        if track is not None:
+            track({"weighted_l2": history[-1]}, it)
         if progress and (it % 10 == 0 or it == iters - 1):
             bar.set_postfix(weighted_l2=f"{history[-1]:.3e}")
         elif log is not None and not progress and (it % 100 == 0 or it == iters - 1):
@@ -145,8 +152,13 @@ def distill(teacher: Teacher, nfe: int, afs: bool = True, *, grid: Optional[torc
             teacher_solver: str = "heun", extra_nodes: int = 1, rtol: float = 1e-6, n_train: int = 1024,
             seed: int = TRAIN_SEED, iters: int = 300, lr: float = 5e-3, batch: int = 256, learn_grid: bool = False,
             rounds: int = 2, grid_evals: int = 20, grid_batch: int = 256,
-            log: Optional[Callable[[str], None]] = None, progress: bool = False) -> AmedFit:
-    """Train an AMED predictor for ``mvt`` at ``nfe`` (2 per step, one less with AFS), optionally with its nodes."""
+            log: Optional[Callable[[str], None]] = None, progress: bool = False,
+            track: Optional[Callable[[dict, int], None]] = None) -> AmedFit:
+    """Train an AMED predictor for ``mvt`` at ``nfe`` (2 per step, one less with AFS), optionally with its nodes.
+
+    ``track(values, step)`` gets the loss of every predictor iteration (steps count on across rounds) and
+    each round's final-sample MSE.
+    """
     model = teacher.model
     opts = {"afs": afs}
     g = initial_grid(model, "mvt", nfe, opts) if grid is None else samplers.grids.check_grid(grid)
@@ -174,7 +186,8 @@ def distill(teacher: Teacher, nfe: int, afs: bool = True, *, grid: Optional[torc
             log(f"round {rnd}: grid " + ", ".join(f"{v:.4g}" for v in g.tolist()))
         states = teacher_states(model, noise, g, solver=teacher_solver, extra_nodes=extra_nodes, rtol=rtol, atol=rtol)
         pred, h = train_predictor(model, g, states, afs=afs, predictor=pred, iters=iters, lr=lr, batch=batch,
-                                  seed=seed + rnd, log=log, progress=progress)
+                                  seed=seed + rnd, log=log, progress=progress,
+                                  track=None if track is None else lambda v, it: track(v, len(history) + it))
         history += h
         x = sample_with_grid(model, noise[:k], g, "mvt", {"predictor": pred, "afs": afs})
         mse = float((x.double() - final.double()).pow(2).mean())
@@ -187,6 +200,8 @@ def distill(teacher: Teacher, nfe: int, afs: bool = True, *, grid: Optional[torc
             g = fit.grid
             consider(fit.loss_final, g)
         grid_log.append(entry)
+        if track is not None:
+            track({k: v for k, v in entry.items() if k != "round"}, len(history))
         if log:
             log(f"  {entry}")
     train_mse, g, state = best
@@ -232,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a tqdm progress bar")
     p.add_argument("--out", required=True, help="where to write the predictor (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and --log-dir's logs)")
+    add_tracker_args(p)
     return p
 
 
@@ -241,9 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from diffusion.cli import check_device
 
-    from .common import check_out_file, check_weights_finite
+    from .common import check_out_file, check_trackers, check_weights_finite, open_trackers
 
     check_out_file(args.out, args.overwrite)
+    check_trackers(args)  # a bad --log-with or a used --log-dir stops before any work
     check_device(args.device)
     for flag, v in (("--nfe", args.nfe), ("--n-train", args.n_train), ("--iters", args.iters), ("--batch", args.batch),
                     ("--rounds", args.rounds)):
@@ -259,10 +276,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError:
             raise ValueError(f"--grid {args.grid!r}: expected comma-separated numbers ending in 0, e.g. 80,2,0.3,0") from None
     teacher = load_teacher(args.teacher, args.device)
+    init = initial_grid(teacher.model, "mvt", args.nfe, {"afs": args.afs}) if grid is None else grid
+    trackers = open_trackers(args, {**vars(args), "grid": [float(v) for v in init]})  # the resolved options
     fit = distill(teacher, args.nfe, args.afs, grid=grid, teacher_solver=args.teacher_solver,
                   extra_nodes=args.extra_nodes, rtol=args.rtol, n_train=args.n_train, seed=args.seed,
                   iters=args.iters, lr=args.lr, batch=args.batch, learn_grid=args.learn_grid, rounds=args.rounds,
-                  log=print, progress=not args.no_progress)
+                  log=print, progress=not args.no_progress, track=trackers.log)
+    trackers.log({"final/weighted_l2": fit.meta["final_loss"], "final/train_mse": fit.meta["train_final_mse"],
+                  **{f"final/grid_{i}": v for i, v in enumerate(fit.meta["grid"])}}, step=len(fit.history))
+    trackers.finish()
     check_weights_finite({"AMED predictor": fit.predictor}, f"after {args.iters} iterations")
     path = save(args.out, fit)
     print(f"mvt predictor for NFE {args.nfe} (afs={args.afs}) on grid "

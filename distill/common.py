@@ -397,6 +397,51 @@ def check_out_file(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def add_tracker_args(p) -> None:
+    """--log-with / --log-dir of the single-file distillers (amed, grid): trackers need a folder of their own."""
+    p.add_argument("--log-with", default="tensorboard",
+                   help="accelerate tracker(s) for the loss, the final grid and the options (comma list; 'none' for "
+                        "no tracking)")
+    p.add_argument("--log-dir", default=None,
+                   help="tracker folder (default: next to --out, '<out without suffix>.logs'); refused if it holds "
+                        "files, unless --overwrite")
+
+
+def check_trackers(a) -> tuple[Optional[list[str]], Path]:
+    """(tracker names or None, log folder) of --log-with / --log-dir; refuses a used folder without --overwrite."""
+    from diffusion.cli import OverwriteError
+    from diffusion.trackers import check_log_with
+
+    names = check_log_with(a.log_with, "--log-with")
+    out = Path(a.out)
+    folder = Path(a.log_dir) if a.log_dir else out.parent / f"{out.stem}.logs"
+    if names and folder.exists():
+        if not folder.is_dir():
+            raise OverwriteError(f"--log-dir {folder} is a file; expected a folder")
+        if any(folder.iterdir()) and not a.overwrite:
+            raise OverwriteError(f"--log-dir {folder} already holds files that this command did not create; pass "
+                                 f"--overwrite to replace them, --log-dir to choose another folder, or --log-with none")
+    return names, folder
+
+
+def open_trackers(a, config: dict):
+    """RunTrackers for ``a.log_with`` in ``a.log_dir`` (or ``<out stem>.logs``), the options as hyperparameters.
+
+    With --overwrite an earlier run's ``tensorboard/`` is removed first so the new events do not mix with the old.
+    """
+    import shutil
+
+    from diffusion.trackers import RunTrackers, hyperparameters
+
+    names, folder = check_trackers(a)
+    if names:
+        if (folder / "tensorboard").is_dir():
+            shutil.rmtree(folder / "tensorboard")
+        folder.mkdir(parents=True, exist_ok=True)
+    config = {**config, "log_dir": str(folder) if names else None}
+    return RunTrackers(names, folder, config=hyperparameters(config) if names else None)
+
+
 class DivergenceError(RuntimeError):
     """The generator's samples ran away (RMS far above the data's): the run is stopped."""
 

@@ -39,7 +39,7 @@ from diffusion.cli import HelpFormatter
 import samplers
 from samplers.noise import generators, randn
 
-from .common import Teacher, load_teacher
+from .common import Teacher, add_tracker_args, load_teacher
 
 #: Default first per-image seed of training noises (image i uses TRAIN_SEED + i). Benchmarks draw
 #: their evaluation noises from a disjoint seed range and check it with ``check_disjoint_seeds``.
@@ -161,8 +161,11 @@ def sample_with_grid(model, noise: torch.Tensor, grid: torch.Tensor, sampler: st
 
 def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.Tensor, sampler: str,
              options: Optional[dict] = None, *, max_evals: int = 30, fd_step: float = 1e-3,
-             log: Optional[Callable[[str], None]] = None, progress: bool = False) -> GridFit:
+             log: Optional[Callable[[str], None]] = None, progress: bool = False,
+             track: Optional[Callable[[dict, int], None]] = None) -> GridFit:
     """Least squares (scipy's trust-region LM) on theta: residuals = sampler output - ``target`` (teacher finals).
+
+    ``track(values, evaluation)`` gets the MSE of every residual evaluation (for the experiment trackers).
 
     The objective is a sum of squares over a fixed batch, so a Gauss-Newton method with a
     finite-difference Jacobian (p + 1 sampler runs per iteration for p levels) converges in a
@@ -192,6 +195,8 @@ def fit_grid(model, noise: torch.Tensor, target: torch.Tensor, init_grid: torch.
         if not bool(torch.isfinite(r).all()):
             raise FloatingPointError(f"grid fit: {int((~torch.isfinite(r)).sum())} non-finite residuals at grid {g.tolist()}")
         history.append(float(r.pow(2).sum()))
+        if track is not None:
+            track({"mse": history[-1]}, len(history))
         bar.update(1)
         bar.set_postfix(mse=f"{history[-1]:.3e}")
         if log is not None and not progress:
@@ -250,7 +255,8 @@ def initial_grid(model, sampler: str, nfe: int, options: dict, kind: Optional[st
 def learn(teacher: Teacher, sampler: str, nfe: int, options: Optional[dict] = None, *, n_train: int = 512,
           n_val: int = 256, seed: int = TRAIN_SEED, init: Optional[torch.Tensor] = None,
           teacher_solver: str = "adaptive", extra_nodes: int = 8, rtol: float = 1e-6, max_evals: int = 30,
-          fd_step: float = 1e-3, log: Optional[Callable[[str], None]] = None, progress: bool = False) -> GridFit:
+          fd_step: float = 1e-3, log: Optional[Callable[[str], None]] = None, progress: bool = False,
+          track: Optional[Callable[[dict, int], None]] = None) -> GridFit:
     """Draw training noises, solve the teacher once, fit the grid, and keep it only if it helps on held-out noises.
 
     Noises ``seed .. seed + n_train - 1`` fit the grid; the next ``n_val`` (still training seeds,
@@ -266,7 +272,7 @@ def learn(teacher: Teacher, sampler: str, nfe: int, options: Optional[dict] = No
     target = teacher_states(model, noise, init, solver=teacher_solver, extra_nodes=extra_nodes,
                             rtol=rtol, atol=rtol)[-1]
     fit = fit_grid(model, noise[:n_train], target[:n_train], init, sampler, options, max_evals=max_evals,
-                   fd_step=fd_step, log=log, progress=progress)
+                   fd_step=fd_step, log=log, progress=progress, track=track)
     meta = {"teacher": teacher.spec, "teacher_solver": teacher_solver, "extra_nodes": extra_nodes, "rtol": rtol,
             "train_seed": seed, "n_train": n_train, "n_val": n_val, "max_evals": max_evals, "fd_step": fd_step,
             "init_grid": [float(v) for v in init]}
@@ -317,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--no-progress", action="store_true", help="print one line per evaluation instead of a tqdm progress bar")
     p.add_argument("--out", required=True, help="where to write the grid (.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (and --log-dir's logs)")
+    add_tracker_args(p)
     return p
 
 
@@ -326,9 +333,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from diffusion.cli import check_device
 
-    from .common import check_out_file
+    from .common import check_out_file, check_trackers, open_trackers
 
     check_out_file(args.out, args.overwrite)
+    check_trackers(args)  # a bad --log-with or a used --log-dir stops before any work
     check_device(args.device)
     options = _parse_options(args.opt)
     for flag, v in (("--nfe", args.nfe), ("--n-train", args.n_train), ("--max-evals", args.max_evals)):
@@ -345,10 +353,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     init = None
     if args.init is not None:
         init = initial_grid(teacher.model, args.sampler, args.nfe, options, kind=args.init)
+    start = initial_grid(teacher.model, args.sampler, args.nfe, options) if init is None else init
+    trackers = open_trackers(args, {**vars(args), "opt": options, "init_grid": [float(v) for v in start]})
     fit = learn(teacher, args.sampler, args.nfe, options, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                 init=init,
                 teacher_solver=args.teacher_solver, extra_nodes=args.extra_nodes, rtol=args.rtol, max_evals=args.max_evals,
-                fd_step=args.fd_step, log=print, progress=not args.no_progress)
+                fd_step=args.fd_step, log=print, progress=not args.no_progress, track=trackers.log)
+    final = {"final/mse_init": fit.loss_init, "final/mse_fit": fit.loss_final,
+             **{f"final/{k}": fit.meta[k] for k in ("val_mse_init", "val_mse_fit") if k in fit.meta},
+             **{f"final/grid_{i}": float(v) for i, v in enumerate(fit.grid)}}
+    trackers.log(final, step=len(fit.history))
+    trackers.finish()
     if not torch.isfinite(fit.grid).all():
         raise FloatingPointError(f"the fitted grid is not finite ({fit.grid.tolist()}); nothing was written")
     path = save_grid(args.out, fit)

@@ -89,3 +89,59 @@ def test_sid_logs_losses_and_samples_to_tensorboard(tmp_path):
     assert [e.step for e in ea.Scalars("loss_gen")] == [2, 4, 6] and ea.Images("samples")[0].step == 6
     (hp,) = glob.glob(str(tmp_path / "run" / "tensorboard" / "*" / "hparams.yml"))
     assert yaml.safe_load(Path(hp).read_text())["kind"] == "generator"
+
+
+def _events(folder):
+    """Scalars and hparams.yml that a distiller's RunTrackers wrote under ``folder/tensorboard``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(str(folder / "tensorboard" / "events.*"))
+    ea = EventAccumulator(events, size_guidance={"scalars": 0})
+    ea.Reload()
+    (hp,) = glob.glob(str(folder / "tensorboard" / "*" / "hparams.yml"))
+    return ea, yaml.safe_load(Path(hp).read_text())
+
+
+def test_distill_grid_logs_every_evaluation_and_the_final_grid(tmp_path, capsys):
+    import distill.__main__ as distill_cli
+    from distill.grid import load_grid
+
+    out = tmp_path / "g.json"
+    args = ["grid", "--teacher", "oracle:ring2d", "--nfe", "3", "--n-train", "16", "--n-val", "8", "--max-evals", "2",
+            "--rtol", "1e-5", "--no-progress"]
+    assert distill_cli.main(args + ["--out", str(out)]) == 0
+    fit = load_grid(out)
+    ea, hp = _events(tmp_path / "g.logs")  # the default folder: next to --out
+    mse = ea.Scalars("mse")
+    assert [e.step for e in mse] == list(range(1, len(fit.history) + 1))
+    np.testing.assert_allclose([e.value for e in mse], fit.history, rtol=1e-6)
+    grid = [ea.Scalars(f"final/grid_{i}")[0].value for i in range(fit.grid.numel())]
+    np.testing.assert_allclose(grid, fit.grid.tolist(), rtol=1e-6)
+    assert hp["nfe"] == 3 and hp["sampler"] == "ipndm" and hp["init_grid"] == str(fit.meta["init_grid"])
+    # a used log folder is refused (one line, status 2) unless --overwrite; 'none' writes no folder
+    assert distill_cli.main(args + ["--out", str(tmp_path / "h.json"), "--log-dir", str(tmp_path / "g.logs")]) == 2
+    assert "--log-dir" in capsys.readouterr().err and not (tmp_path / "h.json").exists()
+    assert distill_cli.main(args + ["--out", str(tmp_path / "h.json"), "--log-dir", str(tmp_path / "g.logs"),
+                                    "--overwrite"]) == 0  # replaces the old events: one event file again
+    assert len(_events(tmp_path / "g.logs")[0].Scalars("mse")) == len(load_grid(tmp_path / "h.json").history)
+    assert distill_cli.main(args + ["--out", str(tmp_path / "n.json"), "--log-with", "none"]) == 0
+    assert not (tmp_path / "n.logs").exists()
+
+
+def test_distill_amed_logs_every_predictor_iteration(tmp_path):
+    import distill.__main__ as distill_cli
+    import samplers
+
+    out = tmp_path / "p.safetensors"
+    assert distill_cli.main(["amed", "--teacher", "oracle:ring2d", "--nfe", "4", "--no-afs", "--n-train", "16",
+                             "--iters", "3", "--no-progress", "--out", str(out), "--log-dir", str(tmp_path / "L")]) == 0
+    meta = samplers.load_predictor(out).meta
+    ea, hp = _events(tmp_path / "L")
+    loss = ea.Scalars("weighted_l2")
+    assert [e.step for e in loss] == [0, 1, 2]
+    np.testing.assert_allclose(loss[-1].value, meta["final_loss"], rtol=1e-6)
+    assert ea.Scalars("final_mse_after_predictor")[0].step == 3
+    grid = [ea.Scalars(f"final/grid_{i}")[0].value for i in range(len(meta["grid"]))]
+    np.testing.assert_allclose(grid, meta["grid"], rtol=1e-6)
+    assert hp["iters"] == 3 and hp["afs"] is False and hp["grid"] == str(meta["grid"])
+    assert not (tmp_path / "p.logs").exists()
