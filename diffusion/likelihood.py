@@ -1,4 +1,4 @@
-"""Exact log-likelihood through the probability-flow ODE (THEORY.md §7).
+"""Exact log-likelihood through the probability-flow ODE (docs/theory.md §12).
 
 Along the PF-ODE ``dx/dt = F(x, t)`` the log-density obeys ``d log p_t(x(t))/dt = -div F``, so
 
@@ -58,7 +58,7 @@ class LikelihoodResult:
 
 
 def bpd_offset(bits: int = 8, data_range: tuple[float, float] = (-1.0, 1.0)) -> float:
-    """bits - log2(hi - lo): 7 for 8-bit data in [-1, 1], 8 for [0, 1] (THEORY.md §7)."""
+    """bits - log2(hi - lo): 7 for 8-bit data in [-1, 1], 8 for [0, 1] (docs/theory.md §12)."""
     lo, hi = data_range
     if not hi > lo:
         raise ValueError(f"data_range must be (lo, hi) with hi > lo; got {data_range}")

@@ -1,4 +1,4 @@
-"""Exact denoisers for Gaussian and Gaussian-mixture data under any schedule (THEORY.md §8).
+"""Exact denoisers for Gaussian and Gaussian-mixture data under any schedule (docs/theory.md §13.1).
 
 For data ``sum_k pi_k N(mu_k, Sigma_k)`` the noisy marginal at (alpha, sigma) is
 ``sum_k pi_k N(alpha mu_k, C_k)`` with ``C_k = alpha^2 Sigma_k + sigma^2 I``. Each Sigma_k is

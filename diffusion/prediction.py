@@ -1,6 +1,6 @@
 """Conversions among eps / x0 / v / score / velocity predictions for any (alpha, sigma).
 
-None of these assume a variance-preserving schedule (THEORY.md §2). Coefficients may be
+None of these assume a variance-preserving schedule (docs/theory.md §3.1). Coefficients may be
 Python floats (cached per grid level: no tensor is built) or float64 per-sample tensors;
 ``expand`` broadcasts them against the data. How a network's input and output are scaled
 (EDM's c_in, c_skip, c_out) is a preconditioner (diffusion/preconditioning.py), not a

@@ -550,7 +550,7 @@ class Custom(Schedule):
 
 
 # ---------------------------------------------------------------------------------------------
-# Derived schedules: SNR shift for resolution and its interpolation (THEORY.md §5)
+# Derived schedules: SNR shift for resolution and its interpolation (docs/theory.md §10)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
-"""``python -m distill amed``: distil the AMED predictor of the ``mvt`` sampler from a finer teacher solve (THEORY §4.5).
+"""``python -m distill amed``: distil the AMED predictor of the ``mvt`` sampler from a finer teacher solve (docs/theory.md §7.1).
 
 "Distil the solver, not the model": the teacher solves the same ODE from the same noises on a
-finer grid (``heun`` with M extra nodes per interval, THEORY's choice, or torchdiffeq's dopri5);
+finer grid (``heun`` with M extra nodes per interval, AMED's choice, or torchdiffeq's dopri5);
 each student step starts at the teacher's state at its node and takes one ``mvt_step`` whose
 coefficients (r, c, a) come from the predictor, and the loss is the L2 distance to the teacher's
 state at the next node. Each step's first call D(y, se_c) does not depend on the predictor, so it
@@ -89,7 +89,7 @@ def train_predictor(model, grid: torch.Tensor, states: list[torch.Tensor], *, af
                     seed: int = TRAIN_SEED, log: Optional[Callable[[str], None]] = None,
                     progress: bool = False, track: Optional[Callable[[dict, int], None]] = None
                     ) -> tuple[AMEDPredictor, list[float]]:
-    """Adam (lr 5e-3, betas 0.9/0.999 as in THEORY) on the weighted per-step L2 to the teacher's next states.
+    """Adam (lr 5e-3, betas 0.9/0.999 as in AMED) on the weighted per-step L2 to the teacher's next states.
 
     ``track(values, iteration)`` receives every iteration's loss (for the experiment trackers).
     """

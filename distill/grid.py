@@ -90,7 +90,7 @@ def teacher_states(model, noise: torch.Tensor, grid: torch.Tensor, *, solver: st
 
     ``adaptive``: torchdiffeq dopri5 through the levels (output times), down to TEACHER_FLOOR, then
     the x0 readout. ``heun``: the same solver family as the student with ``extra_nodes`` inserted
-    per interval (THEORY §4.5's teacher, M=1 there). Both start where ``samplers.sample`` does.
+    per interval (docs/theory.md §7.1's teacher, M=1 there). Both start where ``samplers.sample`` does.
     """
     g = samplers.grids.check_grid(grid).tolist()
     if g[-1] != 0:

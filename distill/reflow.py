@@ -1,4 +1,4 @@
-"""Rectified-flow reflow and one-step distillation (THEORY §4.7).
+"""Rectified-flow reflow and one-step distillation (docs/theory.md §11.2).
 
     python -m distill reflow --teacher RUN_DIR | oracle:ring2d | oracle:mixture64d | pretrained:DIR --out RUN_DIR
                              [--pairs N] [--iters K] [--one-step-iters K1]

@@ -1,4 +1,4 @@
-"""Score identity Distillation (SiD): a one-step generator distilled from a diffusion teacher (THEORY §6).
+"""Score identity Distillation (SiD): a one-step generator distilled from a diffusion teacher (docs/theory.md §11.1).
 
     python -m distill sid --teacher RUN_DIR | oracle:ring2d | oracle:mixture64d | pretrained:DIR --out RUN_DIR
     accelerate launch -m distill sid ...           (same arguments; mixed precision via --mixed-precision)
@@ -116,7 +116,7 @@ def frozen(*modules: nn.Module):
 
 @dataclass
 class SiDConfig:
-    """SiD hyper-parameters (THEORY §6 defaults; toy teachers want a larger lr)."""
+    """SiD hyper-parameters (docs/theory.md §11.1 defaults; toy teachers want a larger lr)."""
 
     alpha: float = 1.2
     sig_init: float = 2.5

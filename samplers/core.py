@@ -1,6 +1,6 @@
 """Helpers every sampler shares: the EDM view, the step loop, finiteness checks, callbacks.
 
-The EDM view (THEORY.md §0): ``y = x/alpha``, ``se = sigma/alpha``, ``y = x0 + se*eps``, and the
+The EDM view (docs/theory.md §1.2): ``y = x/alpha``, ``se = sigma/alpha``, ``y = x0 + se*eps``, and the
 denoiser ``D(y, se) = model.denoise(y, se)``. In it the PF-ODE is ``dy/dse = (y - D(y, se))/se``
 for every schedule, so one solver serves VP, VE, EDM and flow models alike.
 """
@@ -93,7 +93,7 @@ def denoiser(model, class_labels: Optional[torch.Tensor] = None) -> Denoiser:
 
 
 def afs_slope(y: torch.Tensor, se: float) -> torch.Tensor:
-    """Analytical first step (THEORY §4.8): at large se, (y - D)/se ~ y/sqrt(1 + se^2), no network call."""
+    """Analytical first step (docs/theory.md §6.5): at large se, (y - D)/se ~ y/sqrt(1 + se^2), no network call."""
     return y / math.sqrt(1 + se * se)
 
 

@@ -3,7 +3,7 @@
 Every grid function returns ``n + 1`` values for ``n`` steps: ``n`` decreasing positive noise levels
 followed by 0, so the last step (from ``se_last`` to 0, one x0 readout) is part of the grid and of
 the NFE count. ``se_last`` (the last nonzero level) is a parameter of every family because with few
-steps it moves the error more than the solver's order does (THEORY.md §4.8).
+steps it moves the error more than the solver's order does (docs/theory.md §5.1).
 
 A grid may start at ``inf`` (the flow schedule at t=1): samplers that work in t (flow_euler, ddim,
 euler_maruyama) start there exactly; samplers that work in the EDM view start at ``SE_CAP`` instead.
@@ -86,7 +86,7 @@ def grid_values(grid: torch.Tensor, what: str = "grid") -> list[float]:
 
 
 def polynomial(n: int, se_last: float = SE_LAST, se_max: float = 80.0, p: float = 1.0) -> torch.Tensor:
-    """log se_i = log se_max + (log se_last - log se_max) (i/(n-1))^p for i < n, then 0 (THEORY §4.8)."""
+    """log se_i = log se_max + (log se_last - log se_max) (i/(n-1))^p for i < n, then 0 (docs/theory.md §5.2)."""
     _check_n(n, "polynomial grid")
     _check_range(se_last, se_max, "polynomial grid")
     if not p > 0:

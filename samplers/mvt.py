@@ -1,4 +1,4 @@
-"""Mean-value-theorem solver (AMED-style, THEORY §4.5) and its small learned predictor.
+"""Mean-value-theorem solver (AMED-style, docs/theory.md §6.10) and its small learned predictor.
 
 One step from se_c to se_n with coefficients (r, c, a):
 

@@ -1,7 +1,7 @@
 """Deterministic PF-ODE solvers in the EDM view: euler, heun, dpmpp_2m, ipndm.
 
-Each works on ``dy/dse = (y - D(y, se))/se`` over a grid of EDM noise levels (THEORY §4.1, §4.2,
-§4.8); the last step to se=0 is part of the grid and costs one network call (a plain x0 readout
+Each works on ``dy/dse = (y - D(y, se))/se`` over a grid of EDM noise levels (docs/theory.md §6.2, §6.3,
+§6.4, §6.5); the last step to se=0 is part of the grid and costs one network call (a plain x0 readout
 for euler/heun/dpmpp_2m, the multistep formula for ipndm).
 """
 
@@ -16,7 +16,7 @@ from .core import FiniteWatch, afs_slope, denoise_and_slope, denoiser, from_edm,
 from .noise import GeneratorLike, randn_like
 from .registry import register
 
-# Adams-Bashforth weights on (d_n, d_{n-1}, ...) for iPNDM orders 1-4 (THEORY §4.8).
+# Adams-Bashforth weights on (d_n, d_{n-1}, ...) for iPNDM orders 1-4 (docs/theory.md §6.5).
 AB_WEIGHTS = {
     1: (1.0,),
     2: (3 / 2, -1 / 2),

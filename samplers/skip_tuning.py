@@ -1,4 +1,4 @@
-"""Skip-Tuning (THEORY §4.6): scale a U-Net's skip connections at sampling time, for any sampler.
+"""Skip-Tuning (docs/theory.md §8): scale a U-Net's skip connections at sampling time, for any sampler.
 
 Skip i (0 = nearest the input, k = num_skips-1 = deepest) is multiplied by
 ``rho_i = rho_top + (i/k)(rho_bottom - rho_top)`` before the decoder concatenates it. The network

@@ -53,7 +53,7 @@ def report_x(callback, i: int, sig: list[float], x: torch.Tensor, alpha_next: fl
 def ddim(model, x: torch.Tensor, grid: torch.Tensor, *, generator: GeneratorLike = None, callback=None,
          class_labels: Optional[torch.Tensor] = None, progress: bool = False, eta: float = 0.0,
          variance: str = "posterior") -> torch.Tensor:
-    """DDIM with eta (THEORY §4.3): eta=0 deterministic, eta=1 DDPM ancestral with the posterior variance.
+    """DDIM with eta (docs/theory.md §6.6): eta=0 deterministic, eta=1 DDPM ancestral with the posterior variance.
 
     From t to s: ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z``, ``c = eta sigma_s
     sqrt(1 - exp(lam_t - lam_s))``. ``variance="large"`` keeps that mean but draws the noise with
@@ -110,7 +110,7 @@ def _etas(eta: EtaLike, model, ts: list[float]) -> list[float]:
 
 def sde_step(model, x: torch.Tensor, t: float, t_next: float, eta_t: float, generator: GeneratorLike,
              class_labels: Optional[torch.Tensor], lazy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Euler-Maruyama step of the reverse-SDE family (THEORY §4.4); returns (x_next, x0_hat).
+    """One Euler-Maruyama step of the reverse-SDE family (docs/theory.md §6.7); returns (x_next, x0_hat).
 
     ``x - h [f x - (g^2 + eta_t^2)/2 score] + eta_t sqrt(h) z`` written as ``velocity - eta_t^2/2 score``
     (velocity = f x - g^2/2 score is the PF-ODE drift), which stays finite at t=1 of the flow schedule.

@@ -12,7 +12,7 @@ from samplers import grids
 def test_karras_matches_edm_n18_values():
     g = grids.karras(18, se_last=0.002, se_max=80.0, rho=7.0)
     assert g.dtype == torch.float64 and g.numel() == 19 and g[-1] == 0
-    # THEORY §1: 80, 57.586, 40.786, ..., 0.0075, 0.002, then 0
+    # docs/theory.md §5.2: 80, 57.586, 40.786, ..., 0.0075, 0.002, then 0
     assert g[:3].tolist() == pytest.approx([80.0, 57.586, 40.786], abs=5e-4)
     assert g[-3:-1].tolist() == pytest.approx([0.0075, 0.002], abs=5e-5)
     # interior point against the formula written out by hand

@@ -37,7 +37,7 @@ def exact_flow(y0: torch.Tensor, se0: float, se: float, mu: torch.Tensor, std: f
 
 
 def test_teacher_states_match_exact_gaussian_flow():
-    """dopri5 teacher states at every node equal the closed-form PF-ODE map (THEORY §8)."""
+    """dopri5 teacher states at every node equal the closed-form PF-ODE map (docs/theory.md §13.1)."""
     t = gaussian_teacher()
     mu = torch.tensor([0.3, -0.3], dtype=torch.float64)
     noise = grid_lib.training_noise(32, t.shape, dtype=torch.float64)
@@ -51,7 +51,7 @@ def test_teacher_states_match_exact_gaussian_flow():
 
 
 def test_heun_teacher_with_more_nodes_converges_to_exact():
-    """The THEORY teacher (Heun + M inserted nodes) approaches the exact flow as M grows (2nd order)."""
+    """The AMED teacher (Heun + M inserted nodes) approaches the exact flow as M grows (2nd order)."""
     t = gaussian_teacher()
     mu = torch.tensor([0.3, -0.3], dtype=torch.float64)
     noise = grid_lib.training_noise(16, t.shape, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""PF-ODE likelihood against closed forms (THEORY.md §7, §8 item 8)."""
+"""PF-ODE likelihood against closed forms (docs/theory.md §12, §13.9)."""
 
 import math
 

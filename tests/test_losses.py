@@ -86,7 +86,7 @@ def test_weights():
 
 
 def test_weight_conversions_between_targets():
-    """THEORY §3: ||d eps||^2 = e^lam ||d x0||^2 and ||d v||^2 = (a^2+s^2)^2/s^2 ||d x0||^2 at fixed x_t."""
+    """docs/theory.md §4.2: ||d eps||^2 = e^lam ||d x0||^2 and ||d v||^2 = (a^2+s^2)^2/s^2 ||d x0||^2 at fixed x_t."""
     from diffusion.prediction import Prediction
     sched = by_name("ve")
     t = torch.tensor([0.3], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The exact Gaussian / mixture oracle (THEORY §8): scores, Tweedie, PF-ODE map, presets."""
+"""The exact Gaussian / mixture oracle (docs/theory.md §13.1): scores, Tweedie, PF-ODE map, presets."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Parametrisation conversions (THEORY §2, §8 items 1 and 9) and the ScoreModel wrapper."""
+"""Parametrisation conversions (docs/theory.md §3, §13.2 and §13.10) and the ScoreModel wrapper."""
 
 import math
 
@@ -64,7 +64,7 @@ def test_rectified_flow_velocity_formulas():
 
 
 def test_edm_preconditioning_identities():
-    """THEORY §8.9: c_in^2 (se^2 + sd^2) = 1, effective target variance 1, lambda c_out^2 = 1."""
+    """docs/theory.md §13.10: c_in^2 (se^2 + sd^2) = 1, effective target variance 1, lambda c_out^2 = 1."""
     se = torch.logspace(-3, 2, 50, dtype=torch.float64)
     sd = 0.5
     c_skip, c_out, c_in, c_noise = P.edm_precond(se, sd)

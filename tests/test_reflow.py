@@ -1,5 +1,5 @@
 """Reflow: flow coordinates of any schedule, accurate teacher pairs (cached, resumable), straighter
-paths without a higher transport cost on the oracle (THEORY §4.7, §8 item 13), one-step output."""
+paths without a higher transport cost on the oracle (docs/theory.md §11.2, §13.14), one-step output."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_flow_port_reads_any_schedule_in_flow_coordinates(base):
 
 
 def test_flow_velocity_of_a_gaussian_is_the_closed_form():
-    """E[z - x0 | x_t] for x0 ~ N(mu, s^2) on x_t = (1-t) x0 + t z (THEORY §8 item 13)."""
+    """E[z - x0 | x_t] for x0 ~ N(mu, s^2) on x_t = (1-t) x0 + t z (docs/theory.md §13.14)."""
     mu, s = 0.4, 0.3
     model = flow_student(oracle_model(gaussian([mu, mu], s), by_name("edm")))
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

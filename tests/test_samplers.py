@@ -1,4 +1,4 @@
-"""Deterministic samplers against closed forms (THEORY §8 items 5, 6, 10) and the entry point's contract."""
+"""Deterministic samplers against closed forms (docs/theory.md §13.6, §13.7, §13.11) and the entry point's contract."""
 
 import math
 

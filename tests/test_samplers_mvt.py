@@ -18,7 +18,7 @@ def ring_model():
 def test_predictor_shape_params_and_identity_init():
     pred = AMEDPredictor(feature_dim=64)
     n_params = sum(p.numel() for p in pred.parameters())
-    assert 8_000 < n_params < 10_000  # THEORY §4.5: ~9k
+    assert 8_000 < n_params < 10_000  # docs/theory.md §7.1: ~9k
     r, c, a = pred(torch.full((5,), 10.0), torch.full((5,), 2.0), torch.randn(5, 64))
     assert r.shape == c.shape == a.shape == (5,)
     assert torch.allclose(r, torch.full_like(r, 0.5)) and torch.equal(c, torch.ones(5)) and torch.equal(a, torch.ones(5))
@@ -72,7 +72,7 @@ def test_afs_first_step_is_analytic_and_saves_one_call():
         model.reset_nfe()
         out = samplers.get(name)(model, y * a0, grid, afs=True) / a1
         assert model.nfe == 0, name
-        # d0 = y/sqrt(1+se^2) (THEORY §4.8); dpmpp_2m's exponential step uses D0 = y - se d0 instead
+        # d0 = y/sqrt(1+se^2) (docs/theory.md §6.5); dpmpp_2m's exponential step uses D0 = y - se d0 instead
         if name == "dpmpp_2m":
             x0 = y - 80.0 * y / math.sqrt(1 + 80.0**2)
             ref = (5.0 / 80.0) * y + (1 - 5.0 / 80.0) * x0

@@ -1,4 +1,4 @@
-"""Stochastic samplers: DDIM(eta=1) is the DDPM posterior (THEORY §8 item 4), SDE/ODE marginals agree
+"""Stochastic samplers: DDIM(eta=1) is the DDPM posterior (docs/theory.md §13.5), SDE/ODE marginals agree
 on the exact 2-D ring oracle (item 7), and per-image seeds make image i independent of its batch."""
 
 import math

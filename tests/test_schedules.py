@@ -1,4 +1,4 @@
-"""Schedules: closed-form identities of THEORY.md §1, §5 and §8 item 2-3."""
+"""Schedules: closed-form identities of docs/theory.md §2, §10, §13.3 and §13.4."""
 
 import math
 
@@ -118,7 +118,7 @@ def test_interpolated_endpoints_are_the_two_shifted_schedules():
 
 
 def test_average_pooling_multiplies_snr_by_s2():
-    """THEORY §5 / §8.3: pooling s x s keeps a constant signal and divides the noise variance by s^2."""
+    """docs/theory.md §10 / §13.4: pooling s x s keeps a constant signal and divides the noise variance by s^2."""
     g = torch.Generator().manual_seed(0)
     s = 4
     x0 = torch.full((64, 1, 32, 32), 0.7)

@@ -1,5 +1,5 @@
-"""SiD one-step distillation: the score identity, the generator loss against closed forms (THEORY §8
-item 12), a short run on the 2-D oracle, run folders, exact resume and the bad-input errors."""
+"""SiD one-step distillation: the score identity, the generator loss against closed forms (docs/theory.md
+§13.13), a short run on the 2-D oracle, run folders, exact resume and the bad-input errors."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def hermite_grid(n: int = 4):
     return (torch.tensor(a.ravel(), dtype=torch.float64) for a in (Z, N, np.outer(w, w)))
 
 
-# ---- THEORY §8 item 12 ------------------------------------------------------------------------------
+# ---- docs/theory.md §13.13 ------------------------------------------------------------------------------
 
 
 def test_score_identity_monte_carlo():

@@ -1,4 +1,4 @@
-"""Skip-Tuning (THEORY §8 item 11): the linear rho rule, rho == 1 bit-exact, restore on exit."""
+"""Skip-Tuning (docs/theory.md §13.12): the linear rho rule, rho == 1 bit-exact, restore on exit."""
 
 import pytest
 import torch

@@ -3,15 +3,12 @@ to a numbered heading there, and no file cites the external spec it replaced."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 THEORY_DOC = ROOT / "docs" / "theory.md"
-MAP = Path("docs/theory_map.json")
-RETARGET = Path("tools/retarget_theory_refs.py")
 OLD_SPEC = "THE" + "ORY"  # split so that this file does not cite it
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".txt", ".cfg", ".ini", ".json", ".sh"}
 SKIP_DIRS = {"runs", "node_modules", "build", "dist", "__pycache__"}
@@ -85,27 +82,13 @@ def test_every_project_citation_resolves():
     assert not bad, "citations of docs/theory.md sections that do not exist:\n" + "\n".join(bad)
 
 
-def test_retarget_map_points_into_the_document():
-    path = ROOT / MAP
-    if not path.is_file():  # removed after the one-off retarget: nothing to check
-        return
-    secs = sections()
-    m = json.loads(path.read_text(encoding="utf-8"))
-    targets = list(m["citations"].values()) + [v for table in m["per_file"].values() for v in table.values()]
-    bad = [t for t in targets for s in cited_sections(t) if s not in secs]
-    bad += [v for v in m["sections"].values() if SECTION.fullmatch(v) is None or SECTION.fullmatch(v).group(1) not in secs]
-    assert not bad, f"map targets that are not sections of docs/theory.md: {bad}"
-
-
 def test_no_file_cites_the_external_spec():
-    """Run tools/retarget_theory_refs.py once after merging if this fails (it lists what is left)."""
+    """Cite docs/theory.md sections instead (the test lists every line that does not)."""
     word = re.compile(r"\b" + OLD_SPEC + r"\b")
     hits = []
     for rel in project_files():
-        if rel in (MAP, RETARGET):
-            continue
         for i, line in enumerate((ROOT / rel).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if word.search(line):
                 hits.append(f"{rel}:{i}: {line.strip()[:100]}")
-    assert not hits, (f"{len(hits)} line(s) still cite the external spec; run `python {RETARGET}`:\n"
+    assert not hits, (f"{len(hits)} line(s) still cite the external spec:\n"
                       + "\n".join(hits))

@@ -5,9 +5,9 @@ The net knows nothing about schedules; ``c_noise`` is whatever scalar the ScoreM
 (``t``, ``1000 t``, ``log(sigma)/4``...), fed to a sinusoidal embedding without range assumptions.
 
 Two sampler-side hooks live here:
-- Skip-Tuning (THEORY §4.6): ``set_skip_scales`` multiplies skip ``i`` (0 = nearest the input,
+- Skip-Tuning (docs/theory.md §8): ``set_skip_scales`` multiplies skip ``i`` (0 = nearest the input,
   ``num_skips - 1`` = deepest) right before the decoder concatenates it.
-- AMED bottleneck feature (THEORY §4.5): ``bottleneck_features()`` is the spatial mean of the
+- AMED bottleneck feature (docs/theory.md §7.1): ``bottleneck_features()`` is the spatial mean of the
   mid-block output of the latest forward, shape ``[B, feature_dim]``.
 """
 from __future__ import annotations
