@@ -33,8 +33,17 @@ def flow_euler(model, x: torch.Tensor, grid: torch.Tensor, *, generator: Generat
     for i in steps(sig, progress, "flow_euler"):
         if in_sigma:
             pred = model(x, ts[i], class_labels)
-            x0 = pred.x0
-            x = x0 if sig[i + 1] == 0 else x + (sigmas[i + 1] - sigmas[i]) * (pred.eps - x0)
+            ds, d_dt = sigmas[i + 1] - sigmas[i], pred.dsigma
+            if pred.kind == "velocity" and isinstance(d_dt, float) and d_dt != 0:
+                # on the flow family eps - x0 = velocity / (dsigma/dt): one fused update, no conversion; the
+                # last step (sigma_next = 0) lands exactly on x0 = x - sigma (eps - x0) the same way
+                x0 = None if callback is None else pred.x0
+                x = torch.add(x, pred.native, alpha=ds / d_dt)
+            elif sig[i + 1] == 0:
+                x = x0 = pred.x0
+            else:  # alpha + sigma = 1 makes eps - x0 = (x - x0)/sigma, which holds at sigma = 1 (t = 1) too
+                x0 = pred.x0
+                x = torch.add(x * (1 + ds / sigmas[i]), x0, alpha=-ds / sigmas[i])
         else:
             x, pred = sde_step(model, x, ts[i], ts[i + 1], 0.0, None, class_labels, lazy=True)
             x0 = None if callback is None else pred.x0
