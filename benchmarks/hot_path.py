@@ -9,7 +9,7 @@ network. The schedulers are built once outside the timing (a pipeline builds its
 
 Pairs (same NFE, same DDPM linear betas / the flow schedule, eps resp. velocity prediction):
 ``ddim``/DDIMScheduler, ``euler``/EulerDiscreteScheduler, ``dpmpp_2m``/DPMSolverMultistepScheduler,
-``ipndm``/UniPCMultistepScheduler (both multistep, one call per step; we have no UniPC),
+``dpmpp_3m``/DPMSolverMultistepScheduler(order 3), ``unipc``/UniPCMultistepScheduler (bh2, order 2 with corrector),
 ``flow_euler``/FlowMatchEulerDiscreteScheduler. Batch 1 and 64 of 3x32x32 float32 on the CPU,
 one torch thread. Each repetition runs ours and diffusers back to back (alternating which goes
 first), each as one untimed run and a timed block of 5; the ratio is the median over repetitions
@@ -56,7 +56,8 @@ PAIRS = [
     ("ddim", "ddpm", "eps", "DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False)),
     ("euler", "ddpm", "eps", "EulerDiscreteScheduler", {}),
     ("dpmpp_2m", "ddpm", "eps", "DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
-    ("ipndm", "ddpm", "eps", "UniPCMultistepScheduler", {}),
+    ("dpmpp_3m", "ddpm", "eps", "DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=3)),
+    ("unipc", "ddpm", "eps", "UniPCMultistepScheduler", {}),
     ("flow_euler", "flow", "velocity", "FlowMatchEulerDiscreteScheduler", {}),
 ]
 
@@ -231,8 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.reps} repetitions of ours/diffusers run back to back, each side an untimed call then a timed block of "
           f"{BLOCK}; torch {env['torch']}, diffusers {env['diffusers']}). Ours: `samplers.sample` "
           "(grid, validation, ScoreModel, coefficients, update, finiteness bookkeeping); diffusers: `set_timesteps` + "
-          "`scale_model_input` + `step` with the scheduler built once. `ipndm` is paired with UniPC (both one-call "
-          "multistep; we have no UniPC). Host reads = tensor-to-Python conversions per call (each a device sync on a GPU); "
+          "`scale_model_input` + `step` with the scheduler built once. Host reads = tensor-to-Python conversions per call (each a device sync on a GPU); "
           "ATen ops = top-level operator calls per call (torch.profiler), a count that machine load cannot blur; "
           "ratio of minima = fastest ours / fastest diffusers repetition (the least load-contaminated times), for "
           "reference: the target is on the median of paired ratios. "
