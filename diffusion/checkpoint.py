@@ -163,10 +163,8 @@ def save_json(obj: Any, path: Path) -> None:
     write_text_atomic(Path(path), json.dumps(obj, indent=1, default=_json_default) + "\n")
 
 
-def save_optimizer(opt: torch.optim.Optimizer, folder: Path, name: str = "optimizer") -> None:
-    """An optimizer's state: its tensors to NAME.safetensors, the rest (hyper-parameters, ids) to NAME.json."""
-    from safetensors.torch import save_file
-
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict split into named CPU tensors ("PID.KEY") and a JSON-able rest."""
     sd = opt.state_dict()
     tensors, state = {}, {}
     for pid, st in sd["state"].items():
@@ -177,10 +175,26 @@ def save_optimizer(opt: torch.optim.Optimizer, folder: Path, name: str = "optimi
                 state[str(pid)][k] = {"tensor": f"{pid}.{k}"}
             else:
                 state[str(pid)][k] = {"value": v}
+    return tensors, {"state": state, "param_groups": sd["param_groups"]}
+
+
+def optimizer_state_from(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of ``optimizer_to_tensors``: the state_dict to give ``opt.load_state_dict``."""
+    state = {int(pid): {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in st.items()}
+             for pid, st in meta["state"].items()}
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_optimizer(opt: torch.optim.Optimizer, folder: Path, name: str = "optimizer") -> None:
+    """An optimizer's state: its tensors to NAME.safetensors, the rest (hyper-parameters, ids) to NAME.json."""
+    from safetensors.torch import save_file
+
+    tensors, meta = optimizer_to_tensors(opt)
     tmp = folder / f"{name}.safetensors.tmp"
     save_file(tensors, str(tmp))
     _replace_durably(tmp, folder / f"{name}.safetensors")
-    save_json({"state": state, "param_groups": sd["param_groups"]}, folder / f"{name}.json")
+    save_json(meta, folder / f"{name}.json")
 
 
 def load_optimizer_state(folder: str | Path, name: str = "optimizer") -> dict:
@@ -188,12 +202,8 @@ def load_optimizer_state(folder: str | Path, name: str = "optimizer") -> dict:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta = json.loads((folder / f"{name}.json").read_text())
-    tensors = load_file(str(folder / f"{name}.safetensors"))
-    state = {int(pid): {k: tensors[v["tensor"]] if "tensor" in v else v["value"] for k, v in st.items()}
-             for pid, st in meta["state"].items()}
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    return optimizer_state_from(load_file(str(folder / f"{name}.safetensors")),
+                                json.loads((folder / f"{name}.json").read_text()))
 
 
 def load_optimizer(opt: torch.optim.Optimizer, folder: str | Path, name: str = "optimizer") -> None:

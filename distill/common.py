@@ -31,6 +31,7 @@ from torch import nn
 from diffusion.cli import HelpFormatter
 from diffusion import oracle as oracle_lib
 from diffusion.build import build_score_model
+from diffusion.checkpoint import optimizer_state_from, optimizer_to_tensors
 from diffusion.config import schema
 from diffusion.losses import build_objective
 from diffusion.schedules import SCHEDULES, by_name
@@ -460,29 +461,6 @@ def check_scale(x: torch.Tensor | float, reference_rms: float, factor: float, wh
 # ---------------------------------------------------------------------------------------------
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into named tensors and a JSON-able skeleton."""
-    sd = opt.state_dict()
-    tensors, state_meta = {}, {}
-    for pid, st in sd["state"].items():
-        state_meta[str(pid)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"state.{pid}.{k}"] = v.detach().cpu().contiguous()
-                state_meta[str(pid)][k] = None
-            else:
-                state_meta[str(pid)][k] = v
-    return tensors, {"state": state_meta, "param_groups": sd["param_groups"]}
-
-
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Inverse of ``optimizer_to_tensors``."""
-    state = {}
-    for pid, st in meta["state"].items():
-        state[int(pid)] = {k: tensors[f"state.{pid}.{k}"] if v is None else v for k, v in st.items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def write_training_state(folder: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                          generators: dict[str, torch.Generator], meta: dict) -> None:
     """Modules as safetensors, optimizer tensors + RNG states in ``optim.safetensors``, the rest in ``state.json``."""
@@ -518,8 +496,8 @@ def read_training_state(folder: Path, modules: dict[str, nn.Module], optimizers:
     tensors = load_file(str(folder / "optim.safetensors"))
     for name, opt in optimizers.items():
         pre = f"{name}."
-        optimizer_from_tensors(opt, {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)},
-                               meta["optimizers"][name])
+        opt.load_state_dict(optimizer_state_from({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)},
+                                                 meta["optimizers"][name]))
     for name, g in generators.items():
         g.set_state(tensors[f"rng.{name}"])
     return meta
